@@ -1,0 +1,691 @@
+//! `dfdaemon.yaml`.
+
+use crate::{load_yaml, parse_yaml, ConfigError};
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The default config file path.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/dragonfly/dfdaemon.yaml";
+/// The default unix socket of the download gRPC service.
+pub const DEFAULT_DOWNLOAD_SOCKET: &str = "/var/run/dragonfly/dfdaemon.sock";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    pub host: Host,
+    pub server: Server,
+    pub download: Download,
+    pub upload: Upload,
+    pub manager: Manager,
+    pub scheduler: Scheduler,
+    pub seed_peer: SeedPeer,
+    pub dynconfig: Dynconfig,
+    pub storage: Storage,
+    pub gc: Gc,
+    pub proxy: Proxy,
+    pub metrics: Metrics,
+    pub health: Health,
+    pub stats: Stats,
+    pub tracing: Tracing,
+}
+
+impl Config {
+    /// Loads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = load_yaml(path)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses and validates YAML text (used by tests and generated configs).
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = parse_yaml(text).map_err(|message| ConfigError::Parse {
+            path: PathBuf::from("<inline>"),
+            message,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that parse but make no sense.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.to_string(),
+            })
+        };
+        if self.download.concurrent_piece_count == 0 {
+            return invalid("download.concurrentPieceCount", "must be at least 1");
+        }
+        if self.download.back_to_source_concurrent_piece_count == 0 {
+            return invalid(
+                "download.backToSourceConcurrentPieceCount",
+                "must be at least 1",
+            );
+        }
+        for (key, limit) in [
+            ("download.bandwidthLimit", self.download.bandwidth_limit),
+            (
+                "download.backToSourceBandwidthLimit",
+                self.download.back_to_source_bandwidth_limit,
+            ),
+            ("upload.bandwidthLimit", self.upload.bandwidth_limit),
+        ] {
+            if limit.as_u64() < 1024 {
+                return invalid(key, "must be at least 1KiB per second");
+            }
+        }
+        if self.upload.concurrent_upload_limit == 0 {
+            return invalid("upload.concurrentUploadLimit", "must be at least 1");
+        }
+        let policy = &self.gc.policy;
+        for (key, value) in [
+            (
+                "gc.policy.diskHighThresholdPercent",
+                policy.disk_high_threshold_percent,
+            ),
+            (
+                "gc.policy.diskLowThresholdPercent",
+                policy.disk_low_threshold_percent,
+            ),
+        ] {
+            if !(1..=99).contains(&value) {
+                return invalid(key, "must be between 1 and 99");
+            }
+        }
+        if policy.disk_low_threshold_percent >= policy.disk_high_threshold_percent {
+            return invalid(
+                "gc.policy.diskLowThresholdPercent",
+                "must be lower than gc.policy.diskHighThresholdPercent",
+            );
+        }
+        if self.gc.interval.is_zero() {
+            return invalid("gc.interval", "must be greater than 0");
+        }
+        if self.storage.write_buffer_size == 0 || self.storage.read_buffer_size == 0 {
+            return invalid(
+                "storage.writeBufferSize/readBufferSize",
+                "must be greater than 0",
+            );
+        }
+        if self.download.server.socket_path.as_os_str().is_empty() {
+            return invalid("download.server.socketPath", "must not be empty");
+        }
+        Ok(())
+    }
+
+    /// Whether this daemon is a seed peer.
+    pub fn is_seed_peer(&self) -> bool {
+        self.seed_peer.enable
+    }
+}
+
+fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Host {
+    pub idc: Option<String>,
+    pub location: Option<String>,
+    pub hostname: String,
+    /// The advertised IP; the first non-loopback interface address when unset.
+    pub ip: Option<IpAddr>,
+    #[serde(rename = "schedulerClusterID")]
+    pub scheduler_cluster_id: Option<u64>,
+}
+
+impl Default for Host {
+    fn default() -> Self {
+        Host {
+            idc: None,
+            location: None,
+            hostname: system_hostname(),
+            ip: None,
+            scheduler_cluster_id: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Server {
+    pub plugin_dir: PathBuf,
+    pub cache_dir: PathBuf,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            plugin_dir: "/usr/local/lib/dragonfly/plugins/dfdaemon/".into(),
+            cache_dir: "/var/cache/dragonfly/dfdaemon/".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct DownloadServer {
+    pub socket_path: PathBuf,
+    pub request_rate_limit: u64,
+    pub request_buffer_size: usize,
+}
+
+impl Default for DownloadServer {
+    fn default() -> Self {
+        DownloadServer {
+            socket_path: DEFAULT_DOWNLOAD_SOCKET.into(),
+            request_rate_limit: 4000,
+            request_buffer_size: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Download {
+    pub server: DownloadServer,
+    /// Piece transfer protocol announced to children: "tcp" (Vortex over TCP).
+    pub protocol: String,
+    /// Download bandwidth limit in bytes per second (all tasks together).
+    pub bandwidth_limit: ByteSize,
+    /// Back-to-source bandwidth limit in bytes per second (all tasks together).
+    pub back_to_source_bandwidth_limit: ByteSize,
+    #[serde(with = "humantime_serde")]
+    pub piece_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub collected_piece_timeout: Duration,
+    pub concurrent_piece_count: u32,
+    /// Parallel ranged GETs per task when going back to source.
+    pub back_to_source_concurrent_piece_count: u32,
+}
+
+impl Default for Download {
+    fn default() -> Self {
+        Download {
+            server: DownloadServer::default(),
+            protocol: "tcp".into(),
+            bandwidth_limit: ByteSize::gb(50),
+            back_to_source_bandwidth_limit: ByteSize::gb(50),
+            piece_timeout: Duration::from_secs(360),
+            collected_piece_timeout: Duration::from_secs(360),
+            concurrent_piece_count: 8,
+            back_to_source_concurrent_piece_count: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct UploadServer {
+    pub ip: Option<IpAddr>,
+    pub port: u16,
+    pub ca_cert: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub request_rate_limit: u64,
+    pub request_buffer_size: usize,
+}
+
+impl Default for UploadServer {
+    fn default() -> Self {
+        UploadServer {
+            ip: None,
+            port: 4000,
+            ca_cert: None,
+            cert: None,
+            key: None,
+            request_rate_limit: 4000,
+            request_buffer_size: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsClient {
+    pub ca_cert: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Upload {
+    pub server: UploadServer,
+    pub client: TlsClient,
+    pub disable_shared: bool,
+    /// Upload bandwidth limit in bytes per second (all children together).
+    pub bandwidth_limit: ByteSize,
+    /// Extension: pieces served at once over Vortex; further requests wait their turn.
+    /// Defaults to upstream's scheduler load limits: 200 for a peer, 2000 for a seed peer.
+    pub concurrent_upload_limit: u32,
+}
+
+impl Default for Upload {
+    fn default() -> Self {
+        Upload {
+            server: UploadServer::default(),
+            client: TlsClient::default(),
+            disable_shared: false,
+            bandwidth_limit: ByteSize::gb(50),
+            concurrent_upload_limit: 200,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Manager {
+    pub addr: String,
+    pub ca_cert: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Scheduler {
+    #[serde(with = "humantime_serde")]
+    pub announce_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub schedule_timeout: Duration,
+    pub max_schedule_count: u32,
+    pub ca_cert: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl Default for Scheduler {
+    fn default() -> Self {
+        Scheduler {
+            announce_interval: Duration::from_secs(300),
+            schedule_timeout: Duration::from_secs(3 * 3600),
+            max_schedule_count: 5,
+            ca_cert: None,
+            cert: None,
+            key: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum HostType {
+    #[default]
+    #[serde(rename = "normal")]
+    Normal,
+    #[serde(rename = "super")]
+    Super,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct SeedPeer {
+    pub enable: bool,
+    #[serde(rename = "type")]
+    pub kind: HostType,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Dynconfig {
+    #[serde(with = "humantime_serde")]
+    pub refresh_interval: Duration,
+}
+
+impl Default for Dynconfig {
+    fn default() -> Self {
+        Dynconfig {
+            refresh_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct StorageServer {
+    pub ip: Option<IpAddr>,
+    pub tcp_port: u16,
+    pub tcp_fastopen: bool,
+    pub quic_port: u16,
+}
+
+impl Default for StorageServer {
+    fn default() -> Self {
+        StorageServer {
+            ip: None,
+            tcp_port: 4005,
+            tcp_fastopen: false,
+            quic_port: 4006,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Storage {
+    pub server: StorageServer,
+    pub dir: PathBuf,
+    /// Keep tasks across restarts (upstream's default is false: a restart starts empty).
+    pub keep: bool,
+    #[serde(with = "humantime_serde")]
+    pub write_piece_timeout: Duration,
+    pub write_buffer_size: usize,
+    pub read_buffer_size: usize,
+    pub cache_capacity: ByteSize,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage {
+            server: StorageServer::default(),
+            dir: "/var/lib/dragonfly/".into(),
+            keep: false,
+            write_piece_timeout: Duration::from_secs(360),
+            write_buffer_size: 4 * 1024 * 1024,
+            read_buffer_size: 1024 * 1024,
+            cache_capacity: ByteSize::mib(64),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct GcPolicy {
+    #[serde(rename = "taskTTL", with = "humantime_serde")]
+    pub task_ttl: Duration,
+    #[serde(rename = "persistentTaskTTL", with = "humantime_serde")]
+    pub persistent_task_ttl: Duration,
+    #[serde(rename = "persistentCacheTaskTTL", with = "humantime_serde")]
+    pub persistent_cache_task_ttl: Duration,
+    /// Capacity the percentages apply to; 0 means the whole disk.
+    #[serde(alias = "distThreshold")]
+    pub disk_threshold: ByteSize,
+    #[serde(alias = "distHighThresholdPercent")]
+    pub disk_high_threshold_percent: u8,
+    #[serde(alias = "distLowThresholdPercent")]
+    pub disk_low_threshold_percent: u8,
+}
+
+impl Default for GcPolicy {
+    fn default() -> Self {
+        GcPolicy {
+            task_ttl: Duration::from_secs(30 * 24 * 3600),
+            persistent_task_ttl: Duration::from_secs(24 * 3600),
+            persistent_cache_task_ttl: Duration::from_secs(24 * 3600),
+            disk_threshold: ByteSize::b(0),
+            disk_high_threshold_percent: 80,
+            disk_low_threshold_percent: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Gc {
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    pub policy: GcPolicy,
+}
+
+impl Default for Gc {
+    fn default() -> Self {
+        Gc {
+            interval: Duration::from_secs(900),
+            policy: GcPolicy::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct BasicAuth {
+    pub username: String,
+    pub password: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxyServer {
+    pub ip: Option<IpAddr>,
+    pub port: u16,
+    pub request_rate_limit: u64,
+    pub ca_cert: Option<PathBuf>,
+    pub ca_key: Option<PathBuf>,
+    pub basic_auth: Option<BasicAuth>,
+}
+
+impl Default for ProxyServer {
+    fn default() -> Self {
+        ProxyServer {
+            ip: None,
+            port: 4001,
+            request_rate_limit: 4000,
+            ca_cert: None,
+            ca_key: None,
+            basic_auth: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxyRule {
+    pub regex: String,
+    #[serde(rename = "useTLS")]
+    pub use_tls: bool,
+    pub redirect: Option<String>,
+    pub filtered_query_params: Vec<String>,
+}
+
+impl Default for ProxyRule {
+    fn default() -> Self {
+        ProxyRule {
+            regex: ".*".into(),
+            use_tls: false,
+            redirect: None,
+            filtered_query_params: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegistryMirror {
+    pub addr: String,
+    pub cert: Option<PathBuf>,
+    #[serde(rename = "enableTaskIDBasedBlobDigest")]
+    pub enable_task_id_based_blob_digest: bool,
+}
+
+impl Default for RegistryMirror {
+    fn default() -> Self {
+        RegistryMirror {
+            addr: "https://index.docker.io".into(),
+            cert: None,
+            enable_task_id_based_blob_digest: true,
+        }
+    }
+}
+
+/// The HTTP proxy and registry mirror (served in a later milestone; parsed now so that
+/// upstream config files load unchanged).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Proxy {
+    pub server: ProxyServer,
+    pub rules: Option<Vec<ProxyRule>>,
+    pub registry_mirror: RegistryMirror,
+    pub disable_back_to_source: bool,
+    pub prefetch: bool,
+    pub prefetch_bandwidth_limit: ByteSize,
+    pub read_buffer_size: usize,
+}
+
+impl Default for Proxy {
+    fn default() -> Self {
+        Proxy {
+            server: ProxyServer::default(),
+            rules: None,
+            registry_mirror: RegistryMirror::default(),
+            disable_back_to_source: false,
+            prefetch: false,
+            prefetch_bandwidth_limit: ByteSize::gb(10),
+            read_buffer_size: 1024 * 1024,
+        }
+    }
+}
+
+/// An HTTP listener of an auxiliary server.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpServer {
+    pub ip: Option<IpAddr>,
+    pub port: u16,
+}
+
+macro_rules! http_section {
+    ($name:ident, $port:expr) => {
+        #[derive(Debug, Clone, Serialize, Deserialize)]
+        #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+        pub struct $name {
+            pub server: HttpServer,
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                $name {
+                    server: HttpServer {
+                        ip: None,
+                        port: $port,
+                    },
+                }
+            }
+        }
+    };
+}
+
+http_section!(Metrics, 4002);
+http_section!(Health, 4003);
+http_section!(Stats, 4004);
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Tracing {
+    pub protocol: Option<String>,
+    pub endpoint: Option<String>,
+    pub path: Option<PathBuf>,
+    pub headers: std::collections::HashMap<String, String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_upstream_defaults() {
+        let c = Config::from_yaml("").unwrap();
+        assert_eq!(c.upload.server.port, 4000);
+        assert_eq!(c.proxy.server.port, 4001);
+        assert_eq!(c.metrics.server.port, 4002);
+        assert_eq!(c.health.server.port, 4003);
+        assert_eq!(c.storage.server.tcp_port, 4005);
+        assert_eq!(
+            c.download.server.socket_path,
+            PathBuf::from(DEFAULT_DOWNLOAD_SOCKET)
+        );
+        assert_eq!(c.download.concurrent_piece_count, 8);
+        assert_eq!(c.gc.policy.task_ttl, Duration::from_secs(30 * 24 * 3600));
+        assert_eq!(c.gc.policy.disk_high_threshold_percent, 80);
+        assert!(!c.seed_peer.enable);
+    }
+
+    #[test]
+    fn parses_upstream_style_file() {
+        let c = Config::from_yaml(
+            r#"
+host:
+  idc: idc1
+  location: "cn|hz"
+download:
+  server:
+    socketPath: /tmp/x/dfdaemon.sock
+  bandwidthLimit: 100MiB
+  pieceTimeout: 30s
+  concurrentPieceCount: 16
+upload:
+  server:
+    port: 14000
+  bandwidthLimit: 1GB
+storage:
+  dir: /tmp/x/data
+  keep: true
+  server:
+    tcpPort: 14005
+gc:
+  interval: 1m
+  policy:
+    taskTTL: 1h
+    distHighThresholdPercent: 90
+    distLowThresholdPercent: 70
+seedPeer:
+  enable: true
+  type: super
+metrics:
+  server:
+    port: 14002
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.download.bandwidth_limit, ByteSize::mib(100));
+        assert_eq!(c.download.piece_timeout, Duration::from_secs(30));
+        assert_eq!(c.upload.bandwidth_limit, ByteSize::gb(1));
+        assert_eq!(c.storage.server.tcp_port, 14005);
+        assert_eq!(c.gc.policy.disk_high_threshold_percent, 90);
+        assert_eq!(c.gc.policy.task_ttl, Duration::from_secs(3600));
+        assert!(c.is_seed_peer());
+        assert_eq!(c.seed_peer.kind, HostType::Super);
+        assert!(c.storage.keep);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_named() {
+        let cases = [
+            ("downlaod: {}", "unknown field `downlaod`"),
+            (
+                "download:\n  concurentPieceCount: 3",
+                "unknown field `concurentPieceCount`",
+            ),
+            (
+                "download:\n  concurrentPieceCount: 0",
+                "download.concurrentPieceCount",
+            ),
+            ("download:\n  pieceTimeout: soon", "pieceTimeout"),
+            ("upload:\n  server:\n    port: 70000", "port"),
+            (
+                "gc:\n  policy:\n    diskLowThresholdPercent: 90",
+                "diskLowThresholdPercent",
+            ),
+            ("upload:\n  bandwidthLimit: 10", "upload.bandwidthLimit"),
+        ];
+        for (yaml, needle) in cases {
+            let err = Config::from_yaml(yaml).unwrap_err().to_string();
+            assert!(err.contains(needle), "{yaml:?} -> {err}");
+        }
+    }
+
+    #[test]
+    fn load_names_the_missing_file() {
+        let err = Config::load(Path::new("/nonexistent/dfdaemon.yaml")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/dfdaemon.yaml"));
+    }
+}

@@ -1,0 +1,283 @@
+//! The task manager: turns download requests into task runs, shares one run among all
+//! requests for the same task, and places finished content at the requested output path.
+//!
+//! **Invariant:** at most one [`TaskRun`] per task ID is in `running`; a request for a task
+//! that is finished in storage is answered from storage without any origin traffic.
+
+mod output;
+mod run;
+mod source;
+
+pub use output::{check_output, place_output};
+pub use run::{RunState, TaskRun};
+
+use crate::error::TaskError;
+use crate::metrics::Metrics;
+use crate::ratelimit::Bandwidth;
+use d7y_backend::HttpBackend;
+use d7y_config::dfdaemon::Config;
+use d7y_storage::{now_secs, Storage, TaskMeta};
+use d7y_types::id::{default_filtered_query_params, task_id, TaskIdParams};
+use d7y_types::piece::validate_piece_length;
+use d7y_types::Digest;
+use dragonfly_api::common::v2::Download;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// A validated download request.
+#[derive(Debug, Clone)]
+pub struct DownloadPlan {
+    pub task_id: String,
+    pub url: url::Url,
+    pub headers: Vec<(String, String)>,
+    pub piece_length: Option<u64>,
+    pub digest: Option<Digest>,
+    pub output_path: Option<PathBuf>,
+    pub force_hard_link: bool,
+    pub overwrite: bool,
+    pub disable_back_to_source: bool,
+    pub timeout: Option<Duration>,
+    pub tag: String,
+    pub application: String,
+    pub priority: i32,
+    pub need_piece_content: bool,
+}
+
+/// Owns every task run of this daemon.
+pub struct TaskManager {
+    pub(crate) config: Arc<Config>,
+    pub(crate) storage: Storage,
+    pub(crate) backend: HttpBackend,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) download_bandwidth: Bandwidth,
+    pub(crate) source_bandwidth: Bandwidth,
+    running: Mutex<HashMap<String, Arc<TaskRun>>>,
+}
+
+impl TaskManager {
+    pub fn new(
+        config: Arc<Config>,
+        storage: Storage,
+        backend: HttpBackend,
+        metrics: Arc<Metrics>,
+    ) -> TaskManager {
+        TaskManager {
+            download_bandwidth: Bandwidth::new(config.download.bandwidth_limit.as_u64()),
+            source_bandwidth: Bandwidth::new(config.download.back_to_source_bandwidth_limit.as_u64()),
+            config,
+            storage,
+            backend,
+            metrics,
+            running: Mutex::default(),
+        }
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// Validates a request and derives its task ID.
+    pub fn plan(&self, download: &Download) -> Result<DownloadPlan, TaskError> {
+        let url = url::Url::parse(&download.url).map_err(|e| {
+            TaskError::InvalidArgument(format!("malformed URL {:?}: {e}", download.url))
+        })?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(TaskError::InvalidArgument(format!(
+                "unsupported URL scheme {:?} in {}: only http and https are supported",
+                url.scheme(),
+                download.url
+            )));
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(TaskError::InvalidArgument(format!("URL {} has no host", download.url)));
+        }
+        if download.range.is_some() {
+            return Err(TaskError::InvalidArgument(
+                "range downloads are not supported yet; download the whole file".into(),
+            ));
+        }
+        let mut headers: Vec<(String, String)> = download
+            .request_header
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        headers.sort();
+        if headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("range")) {
+            return Err(TaskError::InvalidArgument(
+                "a Range request header is not supported yet; download the whole file".into(),
+            ));
+        }
+        let piece_length = download
+            .piece_length
+            .map(validate_piece_length)
+            .transpose()
+            .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+        let digest = download
+            .digest
+            .as_deref()
+            .filter(|d| !d.is_empty())
+            .map(str::parse::<Digest>)
+            .transpose()
+            .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+        let output_path = match download.output_path.as_deref().filter(|p| !p.is_empty()) {
+            Some(p) => {
+                let path = PathBuf::from(p);
+                if !path.is_absolute() {
+                    return Err(TaskError::InvalidArgument(format!(
+                        "output path {p:?} must be absolute"
+                    )));
+                }
+                Some(path)
+            }
+            None => None,
+        };
+        let filtered = if download.filtered_query_params.is_empty() {
+            default_filtered_query_params()
+        } else {
+            download.filtered_query_params.clone()
+        };
+        let id = task_id(&TaskIdParams {
+            url: &download.url,
+            piece_length: download.piece_length,
+            tag: download.tag.as_deref(),
+            application: download.application.as_deref(),
+            filtered_query_params: &filtered,
+            revision: None,
+            content_for_calculating_task_id: download.content_for_calculating_task_id.as_deref(),
+            enable_task_id_based_blob_digest: download.enable_task_id_based_blob_digest,
+        })
+        .map_err(|e| TaskError::InvalidArgument(e.to_string()))?;
+        let timeout = download
+            .timeout
+            .as_ref()
+            .and_then(proto_duration)
+            .filter(|d| !d.is_zero());
+        Ok(DownloadPlan {
+            task_id: id,
+            url,
+            headers,
+            piece_length,
+            digest,
+            output_path,
+            force_hard_link: download.force_hard_link,
+            overwrite: download.overwrite,
+            disable_back_to_source: download.disable_back_to_source,
+            timeout,
+            tag: download.tag.clone().unwrap_or_default(),
+            application: download.application.clone().unwrap_or_default(),
+            priority: download.priority,
+            need_piece_content: download.need_piece_content,
+        })
+    }
+
+    /// Joins the running download of the task, or answers from storage, or starts one.
+    pub async fn start(self: &Arc<Self>, plan: &DownloadPlan) -> Result<Arc<TaskRun>, TaskError> {
+        if let Some(run) = self.running_run(&plan.task_id) {
+            return Ok(run);
+        }
+        if let Some(run) = self.finished_run(&plan.task_id).await? {
+            return Ok(run);
+        }
+        let run = {
+            let mut running = self.running.lock().expect("running lock");
+            if let Some(run) = running.get(&plan.task_id) {
+                return Ok(run.clone());
+            }
+            let run = Arc::new(TaskRun::new(plan.task_id.clone()));
+            running.insert(plan.task_id.clone(), run.clone());
+            run
+        };
+        let manager = self.clone();
+        let plan = plan.clone();
+        let spawned = run.clone();
+        tokio::spawn(async move { manager.drive(spawned, plan).await });
+        Ok(run)
+    }
+
+    /// The run of a task being downloaded now, if any.
+    pub fn running_run(&self, task_id: &str) -> Option<Arc<TaskRun>> {
+        self.running
+            .lock()
+            .expect("running lock")
+            .get(task_id)
+            .cloned()
+    }
+
+    /// A completed run built from storage when the task is finished there.
+    pub async fn finished_run(&self, task_id: &str) -> Result<Option<Arc<TaskRun>>, TaskError> {
+        let Some(mut meta) = self.storage.task(task_id).await? else {
+            return Ok(None);
+        };
+        if !meta.is_finished() || !self.storage.content_path(task_id)?.exists() {
+            return Ok(None);
+        }
+        let pieces = self.storage.pieces(task_id).await?;
+        let expected = d7y_types::PieceLayout::new(
+            meta.content_length.unwrap_or_default(),
+            meta.piece_length,
+        )
+        .piece_count() as usize;
+        if pieces.len() != expected {
+            warn!(task_id, have = pieces.len(), expected, "finished task lost pieces, downloading again");
+            return Ok(None);
+        }
+        meta.accessed_at = now_secs();
+        self.storage.put_task(meta.clone()).await?;
+        Ok(Some(Arc::new(TaskRun::completed(&meta, pieces))))
+    }
+
+    /// Runs a download to its end and publishes the outcome.
+    async fn drive(self: Arc<Self>, run: Arc<TaskRun>, plan: DownloadPlan) {
+        let _lease = self.storage.lease(&plan.task_id);
+        let started = tokio::time::Instant::now();
+        let result = source::download(&self, &run, &plan).await;
+        {
+            let mut running = self.running.lock().expect("running lock");
+            if running.get(&plan.task_id).is_some_and(|r| Arc::ptr_eq(r, &run)) {
+                running.remove(&plan.task_id);
+            }
+        }
+        match &result {
+            Ok(()) => {
+                let length = run.state().content_length.unwrap_or_default();
+                info!(task_id = plan.task_id, url = %plan.url, length, elapsed = ?started.elapsed(), "task finished");
+                self.metrics
+                    .download_task_duration_milliseconds
+                    .with_label_values(&["STANDARD", crate::metrics::task_size_level(length)])
+                    .observe(started.elapsed().as_millis() as f64);
+            }
+            Err(err) => warn!(task_id = plan.task_id, url = %plan.url, %err, "task failed"),
+        }
+        run.finish(result.map_err(Arc::new));
+    }
+
+    /// Marks a task finished in storage.
+    pub(crate) async fn mark_finished(&self, mut meta: TaskMeta) -> Result<(), TaskError> {
+        meta.finished_at = Some(now_secs());
+        meta.accessed_at = now_secs();
+        self.storage.put_task(meta).await?;
+        Ok(())
+    }
+
+    /// Deletes a task unless it is in use.
+    pub async fn delete(&self, task_id: &str) -> Result<(), TaskError> {
+        if self.running_run(task_id).is_some() || self.storage.is_leased(task_id) {
+            return Err(TaskError::InvalidArgument(format!(
+                "task {task_id} is in use; try again when its download has finished"
+            )));
+        }
+        if self.storage.task(task_id).await?.is_none() {
+            return Err(TaskError::NotFound(task_id.to_string()));
+        }
+        self.storage.delete_task(task_id).await?;
+        Ok(())
+    }
+}
+
+/// A protobuf duration as a std duration; `None` when negative.
+fn proto_duration(d: &prost_wkt_types::Duration) -> Option<Duration> {
+    (d.seconds >= 0 && d.nanos >= 0).then(|| Duration::new(d.seconds as u64, d.nanos as u32))
+}

@@ -1,0 +1,349 @@
+//! Back-to-source download: parallel ranged GETs when the origin supports them, else one
+//! streamed GET cut into pieces. Pieces already in storage (an interrupted earlier run) are
+//! not fetched again.
+
+use super::{DownloadPlan, TaskManager, TaskRun};
+use crate::error::TaskError;
+use bytes::{Bytes, BytesMut};
+use d7y_backend::{BackendError, SourceRequest};
+use d7y_storage::{now_secs, ContentWriter, PieceMeta, TaskMeta};
+use d7y_types::piece::{piece_length_for, MIN_PIECE_LENGTH};
+use d7y_types::{Digest, PieceLayout};
+use dragonfly_api::common::v2::TrafficType;
+use futures_util::{stream, StreamExt, TryStreamExt};
+use std::collections::HashSet;
+use std::time::Instant;
+use tracing::{debug, warn};
+
+/// Attempts per piece (the backend retries establishing each request on its own).
+const PIECE_ATTEMPTS: u32 = 3;
+
+pub(super) async fn download(
+    mgr: &TaskManager,
+    run: &TaskRun,
+    plan: &DownloadPlan,
+) -> Result<(), TaskError> {
+    if plan.disable_back_to_source {
+        return Err(TaskError::BackToSourceDisabled);
+    }
+    let request = SourceRequest {
+        url: plan.url.clone(),
+        headers: plan.headers.clone(),
+    };
+    let piece_timeout = mgr.config.download.piece_timeout;
+    let scheme = plan.url.scheme().to_string();
+    mgr.metrics.backend_request_total.with_label_values(&[&scheme, "GET"]).inc();
+    let probe = mgr.backend.probe(&request, piece_timeout).await.inspect_err(|_| {
+        mgr.metrics.backend_request_failure_total.with_label_values(&[&scheme, "GET"]).inc();
+    })?;
+    let content_length = probe.stat.content_length;
+    let piece_length = plan
+        .piece_length
+        .unwrap_or_else(|| content_length.map(piece_length_for).unwrap_or(MIN_PIECE_LENGTH));
+
+    let task_id = &plan.task_id;
+    let storage = &mgr.storage;
+    let previous = storage.task(task_id).await?;
+    let mut existing = storage.pieces(task_id).await?;
+    if let Some(prev) = &previous {
+        if prev.content_length != content_length || prev.piece_length != Some(piece_length) {
+            if !existing.is_empty() {
+                warn!(task_id, "origin content changed since the interrupted download, starting over");
+            }
+            storage.clear_pieces(task_id).await?;
+            existing.clear();
+        }
+    }
+    if content_length.is_none() {
+        // Offsets of a stream of unknown length cannot be trusted across runs.
+        storage.clear_pieces(task_id).await?;
+        existing.clear();
+    }
+    let mut meta = previous.unwrap_or_else(|| TaskMeta::new(task_id.clone(), plan.url.to_string()));
+    meta.url = plan.url.to_string();
+    meta.content_length = content_length;
+    meta.piece_length = Some(piece_length);
+    meta.response_header = probe.stat.headers.clone();
+    meta.accessed_at = now_secs();
+    meta.finished_at = None;
+    storage.put_task(meta.clone()).await?;
+
+    let writer = storage.open_content_for_write(task_id).await?;
+    if let Some(len) = content_length {
+        writer.set_len(len).await?;
+    }
+    if !existing.is_empty() {
+        debug!(task_id, pieces = existing.len(), "resuming with pieces from an earlier run");
+    }
+    let have: HashSet<u32> = existing.iter().map(|p| p.number).collect();
+    run.set_started(content_length, piece_length, probe.stat.headers.clone(), existing);
+
+    let ctx = Ctx { mgr, run, plan, request: &request, writer: &writer };
+    let total = match (probe.stat.supports_range, content_length) {
+        (true, Some(len)) => {
+            drop(probe.full_body);
+            ctx.ranged(PieceLayout::new(len, Some(piece_length)), &have).await?;
+            len
+        }
+        _ => {
+            let first = probe
+                .full_body
+                .map(|body| d7y_backend::http_body_stream(plan.url.to_string(), body));
+            ctx.streamed(first, piece_length, content_length, have).await?
+        }
+    };
+    if content_length.is_none() {
+        writer.set_len(total).await?;
+        meta.content_length = Some(total);
+        run.set_content_length(total);
+    }
+    mgr.mark_finished(meta).await
+}
+
+struct Ctx<'a> {
+    mgr: &'a TaskManager,
+    run: &'a TaskRun,
+    plan: &'a DownloadPlan,
+    request: &'a SourceRequest,
+    writer: &'a ContentWriter,
+}
+
+impl Ctx<'_> {
+    fn buffer_size(&self, piece_length: u64) -> usize {
+        (self.mgr.config.storage.write_buffer_size as u64).min(piece_length).max(64 * 1024) as usize
+    }
+
+    async fn throttle(&self, bytes: usize) {
+        self.mgr.source_bandwidth.acquire(bytes).await;
+        self.mgr.download_bandwidth.acquire(bytes).await;
+    }
+
+    /// Records a written piece and makes it visible.
+    async fn commit(&self, number: u32, offset: u64, length: u64, crc: u32, started: Instant) -> Result<(), TaskError> {
+        let mut piece = PieceMeta::new(number, offset, length, Digest::crc32(crc).to_string());
+        piece.traffic_type = TrafficType::BackToSource as i32;
+        piece.cost_millis = started.elapsed().as_millis() as u64;
+        self.mgr.storage.put_piece(&self.plan.task_id, piece.clone()).await?;
+        let m = &self.mgr.metrics;
+        m.download_traffic.with_label_values(&["BACK_TO_SOURCE", "STANDARD"]).inc_by(length);
+        m.download_piece_total.with_label_values(&["BACK_TO_SOURCE"]).inc();
+        m.download_piece_duration_milliseconds
+            .with_label_values(&["BACK_TO_SOURCE"])
+            .observe(piece.cost_millis as f64);
+        self.run.add_piece(piece);
+        Ok(())
+    }
+
+    async fn ranged(&self, layout: PieceLayout, have: &HashSet<u32>) -> Result<(), TaskError> {
+        let missing: Vec<u32> = (0..layout.piece_count()).filter(|n| !have.contains(n)).collect();
+        let concurrency = self.mgr.config.download.back_to_source_concurrent_piece_count.max(1) as usize;
+        stream::iter(missing)
+            .map(|number| self.ranged_piece(layout, number))
+            .buffer_unordered(concurrency)
+            .try_collect::<()>()
+            .await
+    }
+
+    async fn ranged_piece(&self, layout: PieceLayout, number: u32) -> Result<(), TaskError> {
+        let (offset, length) = layout.range(number).map_err(|e| TaskError::Internal(e.to_string()))?;
+        let timeout = self.mgr.config.download.piece_timeout;
+        let mut attempt = 1;
+        loop {
+            let started = Instant::now();
+            let result = tokio::time::timeout(timeout, self.fetch_range(offset, length)).await;
+            let err = match result {
+                Ok(Ok(crc)) => return self.commit(number, offset, length, crc, started).await,
+                Ok(Err(err)) => err,
+                Err(_) => TaskError::PieceTimeout { number, seconds: timeout.as_secs() },
+            };
+            let retryable = match &err {
+                TaskError::Backend(e) => e.retryable(),
+                TaskError::PieceTimeout { .. } => true,
+                _ => false,
+            };
+            if !retryable || attempt >= PIECE_ATTEMPTS {
+                return Err(err);
+            }
+            debug!(number, attempt, %err, "piece from source failed, retrying");
+            tokio::time::sleep(std::time::Duration::from_millis(200 * attempt as u64)).await;
+            attempt += 1;
+        }
+    }
+
+    /// Fetches one range into the content file; returns its CRC-32.
+    async fn fetch_range(&self, offset: u64, length: u64) -> Result<u32, TaskError> {
+        let timeout = self.mgr.config.download.piece_timeout;
+        let scheme = self.plan.url.scheme();
+        self.mgr.metrics.backend_request_total.with_label_values(&[scheme, "GET"]).inc();
+        let mut body = self
+            .mgr
+            .backend
+            .get_range(self.request, offset, length, timeout)
+            .await
+            .inspect_err(|_| {
+                self.mgr.metrics.backend_request_failure_total.with_label_values(&[scheme, "GET"]).inc();
+            })?;
+        let cap = self.buffer_size(length);
+        let mut buf = BytesMut::with_capacity(cap);
+        let mut hasher = crc32fast::Hasher::new();
+        let mut written = offset;
+        let mut received = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk?;
+            received += chunk.len() as u64;
+            if received > length {
+                return Err(TaskError::LengthMismatch {
+                    url: self.plan.url.to_string(),
+                    expected: length,
+                    actual: received,
+                });
+            }
+            self.throttle(chunk.len()).await;
+            hasher.update(&chunk);
+            buf.extend_from_slice(&chunk);
+            if buf.len() >= cap {
+                let data = std::mem::replace(&mut buf, BytesMut::with_capacity(cap)).freeze();
+                let n = data.len() as u64;
+                self.writer.write_at(written, data).await?;
+                written += n;
+            }
+        }
+        if received != length {
+            return Err(BackendError::Body {
+                url: self.plan.url.to_string(),
+                reason: format!("connection closed after {received} of {length} bytes"),
+            }
+            .into());
+        }
+        if !buf.is_empty() {
+            self.writer.write_at(written, buf.freeze()).await?;
+        }
+        Ok(hasher.finalize())
+    }
+
+    /// Streams the whole body, retrying from the start (skipping finished pieces) when the
+    /// stream breaks. Returns the total length.
+    async fn streamed(
+        &self,
+        mut first: Option<d7y_backend::BodyStream>,
+        piece_length: u64,
+        expected: Option<u64>,
+        mut have: HashSet<u32>,
+    ) -> Result<u64, TaskError> {
+        let mut attempt = 1;
+        loop {
+            let body = match first.take() {
+                Some(body) => body,
+                None => {
+                    let timeout = self.mgr.config.download.piece_timeout;
+                    self.mgr.backend.get(self.request, timeout).await?
+                }
+            };
+            match self.stream_once(body, piece_length, expected, &mut have).await {
+                Ok(total) => return Ok(total),
+                Err(TaskError::Backend(err)) if err.retryable() && attempt < PIECE_ATTEMPTS => {
+                    debug!(attempt, %err, "source stream broke, streaming again");
+                    attempt += 1;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    async fn stream_once(
+        &self,
+        mut body: d7y_backend::BodyStream,
+        piece_length: u64,
+        expected: Option<u64>,
+        have: &mut HashSet<u32>,
+    ) -> Result<u64, TaskError> {
+        let idle = self.mgr.config.download.piece_timeout;
+        let cap = self.buffer_size(piece_length);
+        let mut number = 0u32;
+        let mut piece_start = 0u64;
+        let mut in_piece = 0u64;
+        let mut hasher = crc32fast::Hasher::new();
+        let mut buf = BytesMut::with_capacity(cap);
+        let mut flushed = 0u64; // bytes of the current piece already written
+        let mut started = Instant::now();
+        loop {
+            let next = tokio::time::timeout(idle, body.next()).await.map_err(|_| {
+                TaskError::Backend(BackendError::Timeout { url: self.plan.url.to_string(), timeout: idle })
+            })?;
+            let Some(chunk) = next else { break };
+            let mut chunk: Bytes = chunk?;
+            while !chunk.is_empty() {
+                let take = ((piece_length - in_piece) as usize).min(chunk.len());
+                let part = chunk.split_to(take);
+                in_piece += take as u64;
+                if let Some(limit) = expected {
+                    if piece_start + in_piece > limit {
+                        return Err(TaskError::LengthMismatch {
+                            url: self.plan.url.to_string(),
+                            expected: limit,
+                            actual: piece_start + in_piece,
+                        });
+                    }
+                }
+                if !have.contains(&number) {
+                    self.throttle(part.len()).await;
+                    hasher.update(&part);
+                    buf.extend_from_slice(&part);
+                    if buf.len() >= cap {
+                        let data = std::mem::replace(&mut buf, BytesMut::with_capacity(cap)).freeze();
+                        let n = data.len() as u64;
+                        self.writer.write_at(piece_start + flushed, data).await?;
+                        flushed += n;
+                    }
+                }
+                if in_piece == piece_length {
+                    self.end_piece(number, piece_start, in_piece, &mut buf, &mut hasher, flushed, started, have).await?;
+                    number += 1;
+                    piece_start += in_piece;
+                    in_piece = 0;
+                    flushed = 0;
+                    started = Instant::now();
+                }
+            }
+        }
+        if in_piece > 0 {
+            self.end_piece(number, piece_start, in_piece, &mut buf, &mut hasher, flushed, started, have).await?;
+        }
+        let total = piece_start + in_piece;
+        if let Some(limit) = expected {
+            if total != limit {
+                return Err(BackendError::Body {
+                    url: self.plan.url.to_string(),
+                    reason: format!("connection closed after {total} of {limit} bytes"),
+                }
+                .into());
+            }
+        }
+        Ok(total)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn end_piece(
+        &self,
+        number: u32,
+        offset: u64,
+        length: u64,
+        buf: &mut BytesMut,
+        hasher: &mut crc32fast::Hasher,
+        flushed: u64,
+        started: Instant,
+        have: &mut HashSet<u32>,
+    ) -> Result<(), TaskError> {
+        if have.contains(&number) {
+            return Ok(());
+        }
+        if !buf.is_empty() {
+            let data = std::mem::take(buf).freeze();
+            self.writer.write_at(offset + flushed, data).await?;
+        }
+        let crc = std::mem::replace(hasher, crc32fast::Hasher::new()).finalize();
+        self.commit(number, offset, length, crc, started).await?;
+        have.insert(number);
+        Ok(())
+    }
+}
