@@ -23,7 +23,11 @@ pub enum TaskError {
         actual: String,
     },
     #[error("origin {url} sent {actual} bytes, expected {expected}")]
-    LengthMismatch { url: String, expected: u64, actual: u64 },
+    LengthMismatch {
+        url: String,
+        expected: u64,
+        actual: u64,
+    },
     #[error("cannot write output {path}: {reason}")]
     Output { path: String, reason: String },
     #[error("output {0} already exists; remove it or pass --overwrite")]
@@ -43,9 +47,10 @@ impl TaskError {
         match self {
             TaskError::InvalidArgument(_) => Code::InvalidArgument,
             TaskError::Backend(e) => match e {
-                BackendError::UnsupportedScheme(_) | BackendError::InvalidHeader(_) => Code::InvalidArgument,
+                BackendError::UnsupportedScheme(_) | BackendError::InvalidHeader(_) => {
+                    Code::InvalidArgument
+                }
                 BackendError::Status { status, .. } if *status == 404 => Code::NotFound,
-                BackendError::Status { status, .. } if *status == 401 || *status == 403 => Code::PermissionDenied,
                 BackendError::Status { .. } => Code::FailedPrecondition,
                 BackendError::Timeout { .. } => Code::DeadlineExceeded,
                 _ => Code::Unavailable,

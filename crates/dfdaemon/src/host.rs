@@ -57,7 +57,11 @@ impl HostInfo {
 /// The first non-loopback IPv4 address, else the first non-loopback one, else 127.0.0.1.
 fn detect_ip() -> IpAddr {
     let addrs = if_addrs::get_if_addrs().unwrap_or_default();
-    let candidates: Vec<IpAddr> = addrs.iter().filter(|i| !i.is_loopback()).map(|i| i.ip()).collect();
+    let candidates: Vec<IpAddr> = addrs
+        .iter()
+        .filter(|i| !i.is_loopback())
+        .map(|i| i.ip())
+        .collect();
     candidates
         .iter()
         .find(|ip| ip.is_ipv4())
@@ -99,10 +103,15 @@ impl Traffic {
         let (mut up, mut down) = (0, 0);
         loop {
             ticker.tick().await;
-            let (u, d) = (self.uploaded.load(Ordering::Relaxed), self.downloaded.load(Ordering::Relaxed));
+            let (u, d) = (
+                self.uploaded.load(Ordering::Relaxed),
+                self.downloaded.load(Ordering::Relaxed),
+            );
             let secs = interval.as_secs_f64().max(0.001);
-            self.tx_rate.store(((u - up) as f64 / secs) as u64, Ordering::Relaxed);
-            self.rx_rate.store(((d - down) as f64 / secs) as u64, Ordering::Relaxed);
+            self.tx_rate
+                .store(((u - up) as f64 / secs) as u64, Ordering::Relaxed);
+            self.rx_rate
+                .store(((d - down) as f64 / secs) as u64, Ordering::Relaxed);
             (up, down) = (u, d);
         }
     }

@@ -1,1 +1,95 @@
-fn main() {}
+//! `dfdaemon`: the Dragonfly peer daemon.
+
+use clap::Parser;
+use d7y_config::dfdaemon::{Config, DEFAULT_CONFIG_PATH};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "dfdaemon",
+    version,
+    about = "A high performance P2P download daemon in Dragonfly"
+)]
+struct Args {
+    /// Path of the YAML config file.
+    #[arg(short = 'c', long, default_value = DEFAULT_CONFIG_PATH, env = "DFDAEMON_CONFIG")]
+    config: PathBuf,
+
+    /// Log level: trace, debug, info, warn, error.
+    #[arg(short = 'l', long, default_value = "info", env = "DFDAEMON_LOG_LEVEL")]
+    log_level: String,
+
+    /// Directory for log files; logs go to stderr when unset.
+    #[arg(long, env = "DFDAEMON_LOG_DIR")]
+    log_dir: Option<PathBuf>,
+
+    /// Also log to the console when logging to a directory.
+    #[arg(long, env = "DFDAEMON_CONSOLE")]
+    console: bool,
+}
+
+fn init_logging(args: &Args) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(format!("{},h2=warn,hyper=warn,tower=warn", args.log_level))
+        .map_err(|e| anyhow::anyhow!("invalid --log-level {:?}: {e}", args.log_level))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    match &args.log_dir {
+        Some(dir) if !args.console => {
+            std::fs::create_dir_all(dir)?;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("dfdaemon.log"))?;
+            builder
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .init();
+        }
+        _ => builder.with_writer(std::io::stderr).init(),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match Config::load(&args.config) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("dfdaemon: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(err) = init_logging(&args) {
+        eprintln!("dfdaemon: {err}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("dfdaemon: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(d7y_dfdaemon::run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("dfdaemon: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,8 +1,8 @@
 //! Prometheus metrics with upstream's names (`dragonfly_dfdaemon_*`).
 
 use prometheus::{
-    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 const NAMESPACE: &str = "dragonfly";
@@ -34,7 +34,9 @@ pub struct Metrics {
 }
 
 fn opts(name: &str, help: &str) -> Opts {
-    Opts::new(name, help).namespace(NAMESPACE).subsystem(SUBSYSTEM)
+    Opts::new(name, help)
+        .namespace(NAMESPACE)
+        .subsystem(SUBSYSTEM)
 }
 
 impl Metrics {
@@ -43,32 +45,145 @@ impl Metrics {
         macro_rules! reg {
             ($m:expr) => {{
                 let m = $m.expect("valid metric");
-                registry.register(Box::new(m.clone())).expect("unique metric");
+                registry
+                    .register(Box::new(m.clone()))
+                    .expect("unique metric");
                 m
             }};
         }
         let ms_buckets = || exponential_buckets(1.0, 2.0, 24).expect("valid buckets");
         let m = Metrics {
-            download_task_total: reg!(IntCounterVec::new(opts("download_task_total", "Counter of the number of the download task."), &["type", "tag", "app", "priority"])),
-            download_task_failure_total: reg!(IntCounterVec::new(opts("download_task_failure_total", "Counter of the number of failed of the download task."), &["type", "tag", "app", "priority"])),
-            concurrent_download_task_total: reg!(IntGaugeVec::new(opts("concurrent_download_task_total", "Gauge of the number of concurrent of the download task."), &["type", "tag", "app", "priority"])),
-            download_task_duration_milliseconds: reg!(HistogramVec::new(HistogramOpts::new("download_task_duration_milliseconds", "Histogram of the download task duration.").namespace(NAMESPACE).subsystem(SUBSYSTEM).buckets(ms_buckets()), &["task_type", "task_size_level"])),
-            download_traffic: reg!(IntCounterVec::new(opts("download_traffic", "Counter of the number of the download traffic."), &["type", "task_type"])),
-            upload_traffic: reg!(IntCounterVec::new(opts("upload_traffic", "Counter of the number of the upload traffic."), &["task_type"])),
-            upload_piece_total: reg!(IntCounterVec::new(opts("upload_piece_total", "Counter of the number of the upload piece."), &["task_type"])),
-            upload_piece_failure_total: reg!(IntCounterVec::new(opts("upload_piece_failure_total", "Counter of the number of failed of the upload piece."), &["task_type"])),
-            concurrent_upload_piece_total: reg!(IntGauge::with_opts(opts("concurrent_upload_piece_total", "Gauge of the number of concurrent of the upload piece."))),
-            download_piece_total: reg!(IntCounterVec::new(opts("download_piece_total", "Counter of the number of the download piece."), &["type"])),
-            download_piece_duration_milliseconds: reg!(HistogramVec::new(HistogramOpts::new("download_piece_duration_milliseconds", "Histogram of the download piece duration.").namespace(NAMESPACE).subsystem(SUBSYSTEM).buckets(ms_buckets()), &["type"])),
-            backend_request_total: reg!(IntCounterVec::new(opts("backend_request_total", "Counter of the number of the backend request."), &["scheme", "method"])),
-            backend_request_failure_total: reg!(IntCounterVec::new(opts("backend_request_failure_total", "Counter of the number of failed of the backend request."), &["scheme", "method"])),
-            stat_task_total: reg!(IntCounterVec::new(opts("stat_task_total", "Counter of the number of the stat task."), &["type"])),
-            delete_task_total: reg!(IntCounterVec::new(opts("delete_task_total", "Counter of the number of the delete task."), &["type"])),
-            list_local_tasks_total: reg!(IntCounterVec::new(opts("list_local_tasks_total", "Counter of the number of the list tasks."), &["type"])),
-            disk_space_total: reg!(IntGauge::with_opts(opts("disk_space_total", "Gauge of the disk space."))),
-            disk_usage_space_total: reg!(IntGauge::with_opts(opts("disk_usage_space_total", "Gauge of the disk usage space."))),
-            gc_task_total: reg!(IntCounterVec::new(opts("gc_task_total", "Counter of the number of tasks removed by garbage collection."), &["reason"])),
-            version: reg!(IntGaugeVec::new(opts("version", "Version info of the service."), &["git_version", "git_commit", "platform", "build_time"])),
+            download_task_total: reg!(IntCounterVec::new(
+                opts(
+                    "download_task_total",
+                    "Counter of the number of the download task."
+                ),
+                &["type", "tag", "app", "priority"]
+            )),
+            download_task_failure_total: reg!(IntCounterVec::new(
+                opts(
+                    "download_task_failure_total",
+                    "Counter of the number of failed of the download task."
+                ),
+                &["type", "tag", "app", "priority"]
+            )),
+            concurrent_download_task_total: reg!(IntGaugeVec::new(
+                opts(
+                    "concurrent_download_task_total",
+                    "Gauge of the number of concurrent of the download task."
+                ),
+                &["type", "tag", "app", "priority"]
+            )),
+            download_task_duration_milliseconds: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    "download_task_duration_milliseconds",
+                    "Histogram of the download task duration."
+                )
+                .namespace(NAMESPACE)
+                .subsystem(SUBSYSTEM)
+                .buckets(ms_buckets()),
+                &["task_type", "task_size_level"]
+            )),
+            download_traffic: reg!(IntCounterVec::new(
+                opts(
+                    "download_traffic",
+                    "Counter of the number of the download traffic."
+                ),
+                &["type", "task_type"]
+            )),
+            upload_traffic: reg!(IntCounterVec::new(
+                opts(
+                    "upload_traffic",
+                    "Counter of the number of the upload traffic."
+                ),
+                &["task_type"]
+            )),
+            upload_piece_total: reg!(IntCounterVec::new(
+                opts(
+                    "upload_piece_total",
+                    "Counter of the number of the upload piece."
+                ),
+                &["task_type"]
+            )),
+            upload_piece_failure_total: reg!(IntCounterVec::new(
+                opts(
+                    "upload_piece_failure_total",
+                    "Counter of the number of failed of the upload piece."
+                ),
+                &["task_type"]
+            )),
+            concurrent_upload_piece_total: reg!(IntGauge::with_opts(opts(
+                "concurrent_upload_piece_total",
+                "Gauge of the number of concurrent of the upload piece."
+            ))),
+            download_piece_total: reg!(IntCounterVec::new(
+                opts(
+                    "download_piece_total",
+                    "Counter of the number of the download piece."
+                ),
+                &["type"]
+            )),
+            download_piece_duration_milliseconds: reg!(HistogramVec::new(
+                HistogramOpts::new(
+                    "download_piece_duration_milliseconds",
+                    "Histogram of the download piece duration."
+                )
+                .namespace(NAMESPACE)
+                .subsystem(SUBSYSTEM)
+                .buckets(ms_buckets()),
+                &["type"]
+            )),
+            backend_request_total: reg!(IntCounterVec::new(
+                opts(
+                    "backend_request_total",
+                    "Counter of the number of the backend request."
+                ),
+                &["scheme", "method"]
+            )),
+            backend_request_failure_total: reg!(IntCounterVec::new(
+                opts(
+                    "backend_request_failure_total",
+                    "Counter of the number of failed of the backend request."
+                ),
+                &["scheme", "method"]
+            )),
+            stat_task_total: reg!(IntCounterVec::new(
+                opts("stat_task_total", "Counter of the number of the stat task."),
+                &["type"]
+            )),
+            delete_task_total: reg!(IntCounterVec::new(
+                opts(
+                    "delete_task_total",
+                    "Counter of the number of the delete task."
+                ),
+                &["type"]
+            )),
+            list_local_tasks_total: reg!(IntCounterVec::new(
+                opts(
+                    "list_local_tasks_total",
+                    "Counter of the number of the list tasks."
+                ),
+                &["type"]
+            )),
+            disk_space_total: reg!(IntGauge::with_opts(opts(
+                "disk_space_total",
+                "Gauge of the disk space."
+            ))),
+            disk_usage_space_total: reg!(IntGauge::with_opts(opts(
+                "disk_usage_space_total",
+                "Gauge of the disk usage space."
+            ))),
+            gc_task_total: reg!(IntCounterVec::new(
+                opts(
+                    "gc_task_total",
+                    "Counter of the number of tasks removed by garbage collection."
+                ),
+                &["reason"]
+            )),
+            version: reg!(IntGaugeVec::new(
+                opts("version", "Version info of the service."),
+                &["git_version", "git_commit", "platform", "build_time"]
+            )),
             registry,
         };
         m.version

@@ -24,7 +24,11 @@ pub struct DownloadService {
 }
 
 pub(crate) async fn stat_task_impl(manager: &TaskManager, task_id: &str) -> Result<Task, Status> {
-    manager.metrics.stat_task_total.with_label_values(&["STANDARD"]).inc();
+    manager
+        .metrics
+        .stat_task_total
+        .with_label_values(&["STANDARD"])
+        .inc();
     let meta = manager
         .storage()
         .task(task_id)
@@ -39,7 +43,10 @@ pub(crate) async fn stat_task_impl(manager: &TaskManager, task_id: &str) -> Resu
     Ok(task_to_proto(&meta, &pieces))
 }
 
-pub(crate) async fn stat_local_impl(manager: &TaskManager, task_id: &str) -> Result<StatLocalTaskResponse, Status> {
+pub(crate) async fn stat_local_impl(
+    manager: &TaskManager,
+    task_id: &str,
+) -> Result<StatLocalTaskResponse, Status> {
     let meta = manager
         .storage()
         .task(task_id)
@@ -50,7 +57,11 @@ pub(crate) async fn stat_local_impl(manager: &TaskManager, task_id: &str) -> Res
 }
 
 pub(crate) async fn delete_impl(manager: &TaskManager, task_id: &str) -> Result<(), Status> {
-    manager.metrics.delete_task_total.with_label_values(&["STANDARD"]).inc();
+    manager
+        .metrics
+        .delete_task_total
+        .with_label_values(&["STANDARD"])
+        .inc();
     manager.delete(task_id).await.map_err(|e| e.to_status())
 }
 
@@ -77,21 +88,29 @@ impl DfdaemonDownload for DownloadService {
     }
 
     async fn stat_task(&self, request: Request<StatTaskRequest>) -> Result<Response<Task>, Status> {
-        Ok(Response::new(stat_task_impl(&self.manager, &request.into_inner().task_id).await?))
+        Ok(Response::new(
+            stat_task_impl(&self.manager, &request.into_inner().task_id).await?,
+        ))
     }
 
     async fn stat_local_task(
         &self,
         request: Request<StatLocalTaskRequest>,
     ) -> Result<Response<StatLocalTaskResponse>, Status> {
-        Ok(Response::new(stat_local_impl(&self.manager, &request.into_inner().task_id).await?))
+        Ok(Response::new(
+            stat_local_impl(&self.manager, &request.into_inner().task_id).await?,
+        ))
     }
 
     async fn list_local_tasks(
         &self,
         _request: Request<ListLocalTasksRequest>,
     ) -> Result<Response<ListLocalTasksResponse>, Status> {
-        self.manager.metrics.list_local_tasks_total.with_label_values(&["STANDARD"]).inc();
+        self.manager
+            .metrics
+            .list_local_tasks_total
+            .with_label_values(&["STANDARD"])
+            .inc();
         let tasks = self
             .manager
             .storage()
@@ -110,7 +129,10 @@ impl DfdaemonDownload for DownloadService {
         Err(unimplemented("ListTaskEntries"))
     }
 
-    async fn delete_task(&self, request: Request<DeleteTaskRequest>) -> Result<Response<()>, Status> {
+    async fn delete_task(
+        &self,
+        request: Request<DeleteTaskRequest>,
+    ) -> Result<Response<()>, Status> {
         delete_impl(&self.manager, &request.into_inner().task_id).await?;
         Ok(Response::new(()))
     }
@@ -136,11 +158,17 @@ impl DfdaemonDownload for DownloadService {
         Err(unimplemented("DownloadCacheTask"))
     }
 
-    async fn stat_cache_task(&self, _request: Request<StatCacheTaskRequest>) -> Result<Response<CacheTask>, Status> {
+    async fn stat_cache_task(
+        &self,
+        _request: Request<StatCacheTaskRequest>,
+    ) -> Result<Response<CacheTask>, Status> {
         Err(unimplemented("StatCacheTask"))
     }
 
-    async fn delete_cache_task(&self, _request: Request<DeleteCacheTaskRequest>) -> Result<Response<()>, Status> {
+    async fn delete_cache_task(
+        &self,
+        _request: Request<DeleteCacheTaskRequest>,
+    ) -> Result<Response<()>, Status> {
         Err(unimplemented("DeleteCacheTask"))
     }
 

@@ -66,7 +66,12 @@ pub(crate) fn task_to_proto(meta: &TaskMeta, pieces: &[PieceMeta]) -> Task {
         content_length,
         piece_count: layout.piece_count(),
         pieces: pieces.iter().map(piece_to_proto).collect(),
-        state: if meta.is_finished() { "Succeeded" } else { "Running" }.to_string(),
+        state: if meta.is_finished() {
+            "Succeeded"
+        } else {
+            "Running"
+        }
+        .to_string(),
         has_available_peer: meta.is_finished(),
         created_at: Some(timestamp(meta.created_at)),
         updated_at: Some(timestamp(meta.accessed_at)),
@@ -95,7 +100,11 @@ impl Envelope {
 
 type Tx = mpsc::Sender<Result<DownloadTaskResponse, Status>>;
 
-async fn piece_with_content(mgr: &TaskManager, task_id: &str, piece: &PieceMeta) -> Result<Piece, TaskError> {
+async fn piece_with_content(
+    mgr: &TaskManager,
+    task_id: &str,
+    piece: &PieceMeta,
+) -> Result<Piece, TaskError> {
     let mut proto = piece_to_proto(piece);
     let mut file = mgr.storage().open_content_at(task_id, piece.offset).await?;
     let mut data = vec![0u8; piece.length as usize];
@@ -138,7 +147,11 @@ pub(crate) async fn stream_progress(
             )))
             .await
             .map_err(|_| closed())?;
-            sent = Some(if plan.need_piece_content { 0 } else { state.pieces.len() });
+            sent = Some(if plan.need_piece_content {
+                0
+            } else {
+                state.pieces.len()
+            });
         }
         if let Some(from) = sent {
             for piece in &state.pieces[from..] {
@@ -190,11 +203,17 @@ pub(crate) async fn serve_download(
         plan.priority.to_string(),
     ];
     let labels: [&str; 4] = [&labels[0], &labels[1], &labels[2], &labels[3]];
-    mgr.metrics.download_task_total.with_label_values(&labels).inc();
+    mgr.metrics
+        .download_task_total
+        .with_label_values(&labels)
+        .inc();
     let run = match mgr.start(&plan).await {
         Ok(run) => run,
         Err(err) => {
-            mgr.metrics.download_task_failure_total.with_label_values(&labels).inc();
+            mgr.metrics
+                .download_task_failure_total
+                .with_label_values(&labels)
+                .inc();
             return Err(err.to_status());
         }
     };
@@ -207,13 +226,19 @@ pub(crate) async fn serve_download(
     let owned_labels: Vec<String> = labels.iter().map(|s| s.to_string()).collect();
     tokio::spawn(async move {
         let labels: Vec<&str> = owned_labels.iter().map(String::as_str).collect();
-        let gauge = mgr.metrics.concurrent_download_task_total.with_label_values(&labels);
+        let gauge = mgr
+            .metrics
+            .concurrent_download_task_total
+            .with_label_values(&labels);
         gauge.inc();
         let work = async {
             let _lease = mgr.storage().lease(&plan.task_id);
             stream_progress(&mgr, &run, &plan, &envelope, &tx).await?;
             if let Some(output) = &plan.output_path {
-                let content = mgr.storage().content_path(&plan.task_id).map_err(|e| TaskError::from(e).to_status())?;
+                let content = mgr
+                    .storage()
+                    .content_path(&plan.task_id)
+                    .map_err(|e| TaskError::from(e).to_status())?;
                 crate::task::place_output(
                     content,
                     output.clone(),
@@ -239,7 +264,10 @@ pub(crate) async fn serve_download(
         };
         gauge.dec();
         if let Err(status) = result {
-            mgr.metrics.download_task_failure_total.with_label_values(&labels).inc();
+            mgr.metrics
+                .download_task_failure_total
+                .with_label_values(&labels)
+                .inc();
             let _ = tx.send(Err(status)).await;
         }
     });

@@ -66,7 +66,9 @@ impl TaskManager {
     ) -> TaskManager {
         TaskManager {
             download_bandwidth: Bandwidth::new(config.download.bandwidth_limit.as_u64()),
-            source_bandwidth: Bandwidth::new(config.download.back_to_source_bandwidth_limit.as_u64()),
+            source_bandwidth: Bandwidth::new(
+                config.download.back_to_source_bandwidth_limit.as_u64(),
+            ),
             config,
             storage,
             backend,
@@ -92,7 +94,10 @@ impl TaskManager {
             )));
         }
         if url.host_str().is_none_or(str::is_empty) {
-            return Err(TaskError::InvalidArgument(format!("URL {} has no host", download.url)));
+            return Err(TaskError::InvalidArgument(format!(
+                "URL {} has no host",
+                download.url
+            )));
         }
         if download.range.is_some() {
             return Err(TaskError::InvalidArgument(
@@ -215,13 +220,16 @@ impl TaskManager {
             return Ok(None);
         }
         let pieces = self.storage.pieces(task_id).await?;
-        let expected = d7y_types::PieceLayout::new(
-            meta.content_length.unwrap_or_default(),
-            meta.piece_length,
-        )
-        .piece_count() as usize;
+        let expected =
+            d7y_types::PieceLayout::new(meta.content_length.unwrap_or_default(), meta.piece_length)
+                .piece_count() as usize;
         if pieces.len() != expected {
-            warn!(task_id, have = pieces.len(), expected, "finished task lost pieces, downloading again");
+            warn!(
+                task_id,
+                have = pieces.len(),
+                expected,
+                "finished task lost pieces, downloading again"
+            );
             return Ok(None);
         }
         meta.accessed_at = now_secs();
@@ -236,7 +244,10 @@ impl TaskManager {
         let result = source::download(&self, &run, &plan).await;
         {
             let mut running = self.running.lock().expect("running lock");
-            if running.get(&plan.task_id).is_some_and(|r| Arc::ptr_eq(r, &run)) {
+            if running
+                .get(&plan.task_id)
+                .is_some_and(|r| Arc::ptr_eq(r, &run))
+            {
                 running.remove(&plan.task_id);
             }
         }

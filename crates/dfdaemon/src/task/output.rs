@@ -69,7 +69,14 @@ pub async fn place_output(
     url: String,
 ) -> Result<(), TaskError> {
     tokio::task::spawn_blocking(move || {
-        place_output_blocking(&content, &output, force_hard_link, overwrite, digest.as_ref(), &url)
+        place_output_blocking(
+            &content,
+            &output,
+            force_hard_link,
+            overwrite,
+            digest.as_ref(),
+            &url,
+        )
     })
     .await
     .map_err(|e| TaskError::Internal(e.to_string()))?
@@ -134,24 +141,53 @@ mod tests {
         std::fs::write(&content, b"hello").unwrap();
         let out = dir.path().join("out");
         let good = Digest::of(Algorithm::Sha256, b"hello");
-        place_output(content.clone(), out.clone(), false, false, Some(good), "u".into()).await.unwrap();
+        place_output(
+            content.clone(),
+            out.clone(),
+            false,
+            false,
+            Some(good),
+            "u".into(),
+        )
+        .await
+        .unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), b"hello");
 
         // exists, no overwrite
-        let err = place_output(content.clone(), out.clone(), false, false, None, "u".into()).await.unwrap_err();
+        let err = place_output(content.clone(), out.clone(), false, false, None, "u".into())
+            .await
+            .unwrap_err();
         assert!(matches!(err, TaskError::OutputExists(_)));
 
         // digest mismatch leaves nothing behind
         let out2 = dir.path().join("out2");
         let bad = Digest::of(Algorithm::Sha256, b"other");
-        let err = place_output(content.clone(), out2.clone(), false, false, Some(bad), "u".into()).await.unwrap_err();
+        let err = place_output(
+            content.clone(),
+            out2.clone(),
+            false,
+            false,
+            Some(bad),
+            "u".into(),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, TaskError::DigestMismatch { .. }), "{err}");
         assert!(!out2.exists());
         let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(leftovers.len(), 2, "only content and out remain");
 
         // missing directory
-        let err = place_output(content, dir.path().join("nope/out"), false, false, None, "u".into()).await.unwrap_err();
+        let err = place_output(
+            content,
+            dir.path().join("nope/out"),
+            false,
+            false,
+            None,
+            "u".into(),
+        )
+        .await
+        .unwrap_err();
         assert!(err.to_string().contains("not accessible"), "{err}");
     }
 }

@@ -19,9 +19,7 @@ pub struct RunState {
 
 impl RunState {
     pub fn piece_count(&self) -> Option<u32> {
-        Some(
-            d7y_types::PieceLayout::new(self.content_length?, self.piece_length).piece_count(),
-        )
+        Some(d7y_types::PieceLayout::new(self.content_length?, self.piece_length).piece_count())
     }
 }
 
@@ -88,7 +86,8 @@ impl TaskRun {
     }
 
     pub(crate) fn add_piece(&self, piece: PieceMeta) {
-        self.state.send_modify(|s| Arc::make_mut(&mut s.pieces).push(piece));
+        self.state
+            .send_modify(|s| Arc::make_mut(&mut s.pieces).push(piece));
     }
 
     pub(crate) fn finish(&self, outcome: Result<(), Arc<TaskError>>) {

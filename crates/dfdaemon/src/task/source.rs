@@ -32,14 +32,26 @@ pub(super) async fn download(
     };
     let piece_timeout = mgr.config.download.piece_timeout;
     let scheme = plan.url.scheme().to_string();
-    mgr.metrics.backend_request_total.with_label_values(&[&scheme, "GET"]).inc();
-    let probe = mgr.backend.probe(&request, piece_timeout).await.inspect_err(|_| {
-        mgr.metrics.backend_request_failure_total.with_label_values(&[&scheme, "GET"]).inc();
-    })?;
+    mgr.metrics
+        .backend_request_total
+        .with_label_values(&[&scheme, "GET"])
+        .inc();
+    let probe = mgr
+        .backend
+        .probe(&request, piece_timeout)
+        .await
+        .inspect_err(|_| {
+            mgr.metrics
+                .backend_request_failure_total
+                .with_label_values(&[&scheme, "GET"])
+                .inc();
+        })?;
     let content_length = probe.stat.content_length;
-    let piece_length = plan
-        .piece_length
-        .unwrap_or_else(|| content_length.map(piece_length_for).unwrap_or(MIN_PIECE_LENGTH));
+    let piece_length = plan.piece_length.unwrap_or_else(|| {
+        content_length
+            .map(piece_length_for)
+            .unwrap_or(MIN_PIECE_LENGTH)
+    });
 
     let task_id = &plan.task_id;
     let storage = &mgr.storage;
@@ -48,7 +60,10 @@ pub(super) async fn download(
     if let Some(prev) = &previous {
         if prev.content_length != content_length || prev.piece_length != Some(piece_length) {
             if !existing.is_empty() {
-                warn!(task_id, "origin content changed since the interrupted download, starting over");
+                warn!(
+                    task_id,
+                    "origin content changed since the interrupted download, starting over"
+                );
             }
             storage.clear_pieces(task_id).await?;
             existing.clear();
@@ -73,23 +88,40 @@ pub(super) async fn download(
         writer.set_len(len).await?;
     }
     if !existing.is_empty() {
-        debug!(task_id, pieces = existing.len(), "resuming with pieces from an earlier run");
+        debug!(
+            task_id,
+            pieces = existing.len(),
+            "resuming with pieces from an earlier run"
+        );
     }
     let have: HashSet<u32> = existing.iter().map(|p| p.number).collect();
-    run.set_started(content_length, piece_length, probe.stat.headers.clone(), existing);
+    run.set_started(
+        content_length,
+        piece_length,
+        probe.stat.headers.clone(),
+        existing,
+    );
 
-    let ctx = Ctx { mgr, run, plan, request: &request, writer: &writer };
+    let ctx = Ctx {
+        mgr,
+        run,
+        plan,
+        request: &request,
+        writer: &writer,
+    };
     let total = match (probe.stat.supports_range, content_length) {
         (true, Some(len)) => {
             drop(probe.full_body);
-            ctx.ranged(PieceLayout::new(len, Some(piece_length)), &have).await?;
+            ctx.ranged(PieceLayout::new(len, Some(piece_length)), &have)
+                .await?;
             len
         }
         _ => {
             let first = probe
                 .full_body
                 .map(|body| d7y_backend::http_body_stream(plan.url.to_string(), body));
-            ctx.streamed(first, piece_length, content_length, have).await?
+            ctx.streamed(first, piece_length, content_length, have)
+                .await?
         }
     };
     if content_length.is_none() {
@@ -110,7 +142,9 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn buffer_size(&self, piece_length: u64) -> usize {
-        (self.mgr.config.storage.write_buffer_size as u64).min(piece_length).max(64 * 1024) as usize
+        (self.mgr.config.storage.write_buffer_size as u64)
+            .min(piece_length)
+            .max(64 * 1024) as usize
     }
 
     async fn throttle(&self, bytes: usize) {
@@ -119,14 +153,28 @@ impl Ctx<'_> {
     }
 
     /// Records a written piece and makes it visible.
-    async fn commit(&self, number: u32, offset: u64, length: u64, crc: u32, started: Instant) -> Result<(), TaskError> {
+    async fn commit(
+        &self,
+        number: u32,
+        offset: u64,
+        length: u64,
+        crc: u32,
+        started: Instant,
+    ) -> Result<(), TaskError> {
         let mut piece = PieceMeta::new(number, offset, length, Digest::crc32(crc).to_string());
         piece.traffic_type = TrafficType::BackToSource as i32;
         piece.cost_millis = started.elapsed().as_millis() as u64;
-        self.mgr.storage.put_piece(&self.plan.task_id, piece.clone()).await?;
+        self.mgr
+            .storage
+            .put_piece(&self.plan.task_id, piece.clone())
+            .await?;
         let m = &self.mgr.metrics;
-        m.download_traffic.with_label_values(&["BACK_TO_SOURCE", "STANDARD"]).inc_by(length);
-        m.download_piece_total.with_label_values(&["BACK_TO_SOURCE"]).inc();
+        m.download_traffic
+            .with_label_values(&["BACK_TO_SOURCE", "STANDARD"])
+            .inc_by(length);
+        m.download_piece_total
+            .with_label_values(&["BACK_TO_SOURCE"])
+            .inc();
         m.download_piece_duration_milliseconds
             .with_label_values(&["BACK_TO_SOURCE"])
             .observe(piece.cost_millis as f64);
@@ -135,8 +183,15 @@ impl Ctx<'_> {
     }
 
     async fn ranged(&self, layout: PieceLayout, have: &HashSet<u32>) -> Result<(), TaskError> {
-        let missing: Vec<u32> = (0..layout.piece_count()).filter(|n| !have.contains(n)).collect();
-        let concurrency = self.mgr.config.download.back_to_source_concurrent_piece_count.max(1) as usize;
+        let missing: Vec<u32> = (0..layout.piece_count())
+            .filter(|n| !have.contains(n))
+            .collect();
+        let concurrency = self
+            .mgr
+            .config
+            .download
+            .back_to_source_concurrent_piece_count
+            .max(1) as usize;
         stream::iter(missing)
             .map(|number| self.ranged_piece(layout, number))
             .buffer_unordered(concurrency)
@@ -145,7 +200,9 @@ impl Ctx<'_> {
     }
 
     async fn ranged_piece(&self, layout: PieceLayout, number: u32) -> Result<(), TaskError> {
-        let (offset, length) = layout.range(number).map_err(|e| TaskError::Internal(e.to_string()))?;
+        let (offset, length) = layout
+            .range(number)
+            .map_err(|e| TaskError::Internal(e.to_string()))?;
         let timeout = self.mgr.config.download.piece_timeout;
         let mut attempt = 1;
         loop {
@@ -154,7 +211,10 @@ impl Ctx<'_> {
             let err = match result {
                 Ok(Ok(crc)) => return self.commit(number, offset, length, crc, started).await,
                 Ok(Err(err)) => err,
-                Err(_) => TaskError::PieceTimeout { number, seconds: timeout.as_secs() },
+                Err(_) => TaskError::PieceTimeout {
+                    number,
+                    seconds: timeout.as_secs(),
+                },
             };
             let retryable = match &err {
                 TaskError::Backend(e) => e.retryable(),
@@ -174,14 +234,22 @@ impl Ctx<'_> {
     async fn fetch_range(&self, offset: u64, length: u64) -> Result<u32, TaskError> {
         let timeout = self.mgr.config.download.piece_timeout;
         let scheme = self.plan.url.scheme();
-        self.mgr.metrics.backend_request_total.with_label_values(&[scheme, "GET"]).inc();
+        self.mgr
+            .metrics
+            .backend_request_total
+            .with_label_values(&[scheme, "GET"])
+            .inc();
         let mut body = self
             .mgr
             .backend
             .get_range(self.request, offset, length, timeout)
             .await
             .inspect_err(|_| {
-                self.mgr.metrics.backend_request_failure_total.with_label_values(&[scheme, "GET"]).inc();
+                self.mgr
+                    .metrics
+                    .backend_request_failure_total
+                    .with_label_values(&[scheme, "GET"])
+                    .inc();
             })?;
         let cap = self.buffer_size(length);
         let mut buf = BytesMut::with_capacity(cap);
@@ -239,7 +307,10 @@ impl Ctx<'_> {
                     self.mgr.backend.get(self.request, timeout).await?
                 }
             };
-            match self.stream_once(body, piece_length, expected, &mut have).await {
+            match self
+                .stream_once(body, piece_length, expected, &mut have)
+                .await
+            {
                 Ok(total) => return Ok(total),
                 Err(TaskError::Backend(err)) if err.retryable() && attempt < PIECE_ATTEMPTS => {
                     debug!(attempt, %err, "source stream broke, streaming again");
@@ -268,7 +339,10 @@ impl Ctx<'_> {
         let mut started = Instant::now();
         loop {
             let next = tokio::time::timeout(idle, body.next()).await.map_err(|_| {
-                TaskError::Backend(BackendError::Timeout { url: self.plan.url.to_string(), timeout: idle })
+                TaskError::Backend(BackendError::Timeout {
+                    url: self.plan.url.to_string(),
+                    timeout: idle,
+                })
             })?;
             let Some(chunk) = next else { break };
             let mut chunk: Bytes = chunk?;
@@ -290,14 +364,25 @@ impl Ctx<'_> {
                     hasher.update(&part);
                     buf.extend_from_slice(&part);
                     if buf.len() >= cap {
-                        let data = std::mem::replace(&mut buf, BytesMut::with_capacity(cap)).freeze();
+                        let data =
+                            std::mem::replace(&mut buf, BytesMut::with_capacity(cap)).freeze();
                         let n = data.len() as u64;
                         self.writer.write_at(piece_start + flushed, data).await?;
                         flushed += n;
                     }
                 }
                 if in_piece == piece_length {
-                    self.end_piece(number, piece_start, in_piece, &mut buf, &mut hasher, flushed, started, have).await?;
+                    self.end_piece(
+                        number,
+                        piece_start,
+                        in_piece,
+                        &mut buf,
+                        &mut hasher,
+                        flushed,
+                        started,
+                        have,
+                    )
+                    .await?;
                     number += 1;
                     piece_start += in_piece;
                     in_piece = 0;
@@ -307,7 +392,17 @@ impl Ctx<'_> {
             }
         }
         if in_piece > 0 {
-            self.end_piece(number, piece_start, in_piece, &mut buf, &mut hasher, flushed, started, have).await?;
+            self.end_piece(
+                number,
+                piece_start,
+                in_piece,
+                &mut buf,
+                &mut hasher,
+                flushed,
+                started,
+                have,
+            )
+            .await?;
         }
         let total = piece_start + in_piece;
         if let Some(limit) = expected {

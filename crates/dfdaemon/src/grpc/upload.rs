@@ -1,0 +1,329 @@
+//! `dfdaemon.v2.DfdaemonUpload` on TCP, for other peers and the scheduler.
+
+use super::download::{delete_impl, stat_local_impl, stat_task_impl};
+use super::serve_download;
+use crate::host::{HostInfo, Traffic};
+use crate::task::TaskManager;
+use dragonfly_api::common::v2::{
+    CacheTask, Host, Network, PersistentCacheTask, PersistentTask, Task,
+};
+use dragonfly_api::dfdaemon::v2::dfdaemon_upload_server::DfdaemonUpload;
+use dragonfly_api::dfdaemon::v2::*;
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn unimplemented(what: &str) -> Status {
+    Status::unimplemented(format!("{what} is not supported by this dfdaemon yet"))
+}
+
+/// How often SyncHost reports.
+const SYNC_HOST_INTERVAL: Duration = Duration::from_secs(1);
+
+pub struct UploadService {
+    pub manager: Arc<TaskManager>,
+    pub host: Arc<HostInfo>,
+    pub traffic: Arc<Traffic>,
+}
+
+impl UploadService {
+    fn host_message(&self) -> Host {
+        let h = &self.host;
+        Host {
+            id: h.host_id.clone(),
+            r#type: h.host_type,
+            hostname: h.hostname.clone(),
+            ip: h.ip.to_string(),
+            port: h.upload_port as i32,
+            download_port: h.piece_port as i32,
+            os: std::env::consts::OS.to_string(),
+            network: Some(Network {
+                location: h.location.clone(),
+                idc: h.idc.clone(),
+                max_tx_bandwidth: h.max_tx_bps,
+                tx_bandwidth: Some(self.traffic.tx_rate().saturating_mul(8)),
+                max_rx_bandwidth: h.max_rx_bps,
+                rx_bandwidth: Some(self.traffic.rx_rate().saturating_mul(8)),
+                ..Default::default()
+            }),
+            disable_shared: h.disable_shared,
+            ..Default::default()
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl DfdaemonUpload for UploadService {
+    type DownloadTaskStream = BoxStream<DownloadTaskResponse>;
+
+    async fn download_task(
+        &self,
+        request: Request<DownloadTaskRequest>,
+    ) -> Result<Response<Self::DownloadTaskStream>, Status> {
+        let download = request
+            .into_inner()
+            .download
+            .ok_or_else(|| Status::invalid_argument("missing download"))?;
+        let rx = serve_download(
+            self.manager.clone(),
+            self.host.host_id.clone(),
+            self.host.identity.peer_id(),
+            download,
+        )
+        .await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn stat_task(&self, request: Request<StatTaskRequest>) -> Result<Response<Task>, Status> {
+        Ok(Response::new(
+            stat_task_impl(&self.manager, &request.into_inner().task_id).await?,
+        ))
+    }
+
+    async fn stat_local_task(
+        &self,
+        request: Request<StatLocalTaskRequest>,
+    ) -> Result<Response<StatLocalTaskResponse>, Status> {
+        Ok(Response::new(
+            stat_local_impl(&self.manager, &request.into_inner().task_id).await?,
+        ))
+    }
+
+    async fn list_task_entries(
+        &self,
+        _request: Request<ListTaskEntriesRequest>,
+    ) -> Result<Response<ListTaskEntriesResponse>, Status> {
+        Err(unimplemented("ListTaskEntries"))
+    }
+
+    async fn delete_task(
+        &self,
+        request: Request<DeleteTaskRequest>,
+    ) -> Result<Response<()>, Status> {
+        delete_impl(&self.manager, &request.into_inner().task_id).await?;
+        Ok(Response::new(()))
+    }
+
+    type SyncPiecesStream = BoxStream<SyncPiecesResponse>;
+
+    /// Streams where each (interesting) piece can be fetched over Vortex, as soon as it is
+    /// available here, until all of them were sent or the task ends.
+    async fn sync_pieces(
+        &self,
+        request: Request<SyncPiecesRequest>,
+    ) -> Result<Response<Self::SyncPiecesStream>, Status> {
+        let request = request.into_inner();
+        let task_id = request.task_id;
+        let run = match self.manager.running_run(&task_id) {
+            Some(run) => run,
+            None => self
+                .manager
+                .finished_run(&task_id)
+                .await
+                .map_err(|e| e.to_status())?
+                .ok_or_else(|| {
+                    Status::not_found(format!("task {task_id} is not available on this peer"))
+                })?,
+        };
+        if self.host.disable_shared {
+            return Err(Status::permission_denied(
+                "this peer does not share its tasks",
+            ));
+        }
+        let mut wanted: Option<HashSet<u32>> = (!request.interested_piece_numbers.is_empty())
+            .then(|| request.interested_piece_numbers.into_iter().collect());
+        let ip = self.host.ip.to_string();
+        let port = self.host.piece_port as i32;
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let mut watch = run.subscribe();
+            let mut sent = 0usize;
+            loop {
+                let state = watch.borrow_and_update().clone();
+                for piece in &state.pieces[sent..] {
+                    if let Some(w) = &mut wanted {
+                        if !w.remove(&piece.number) {
+                            continue;
+                        }
+                    }
+                    let message = SyncPiecesResponse {
+                        number: piece.number,
+                        offset: piece.offset,
+                        length: piece.length,
+                        ip: ip.clone(),
+                        tcp_port: Some(port),
+                        quic_port: None,
+                    };
+                    if tx.send(Ok(message)).await.is_err() {
+                        return;
+                    }
+                }
+                sent = state.pieces.len();
+                if wanted.as_ref().is_some_and(HashSet::is_empty) {
+                    return;
+                }
+                match &state.outcome {
+                    Some(Ok(())) => return,
+                    Some(Err(err)) => {
+                        let _ = tx.send(Err(err.to_status())).await;
+                        return;
+                    }
+                    None => {}
+                }
+                if watch.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type DownloadCacheTaskStream = BoxStream<DownloadCacheTaskResponse>;
+
+    async fn download_cache_task(
+        &self,
+        _request: Request<DownloadCacheTaskRequest>,
+    ) -> Result<Response<Self::DownloadCacheTaskStream>, Status> {
+        Err(unimplemented("DownloadCacheTask"))
+    }
+
+    async fn stat_cache_task(
+        &self,
+        _request: Request<StatCacheTaskRequest>,
+    ) -> Result<Response<CacheTask>, Status> {
+        Err(unimplemented("StatCacheTask"))
+    }
+
+    async fn delete_cache_task(
+        &self,
+        _request: Request<DeleteCacheTaskRequest>,
+    ) -> Result<Response<()>, Status> {
+        Err(unimplemented("DeleteCacheTask"))
+    }
+
+    type SyncCachePiecesStream = BoxStream<SyncCachePiecesResponse>;
+
+    async fn sync_cache_pieces(
+        &self,
+        _request: Request<SyncCachePiecesRequest>,
+    ) -> Result<Response<Self::SyncCachePiecesStream>, Status> {
+        Err(unimplemented("SyncCachePieces"))
+    }
+
+    async fn download_cache_piece(
+        &self,
+        _request: Request<DownloadCachePieceRequest>,
+    ) -> Result<Response<DownloadCachePieceResponse>, Status> {
+        Err(unimplemented("DownloadCachePiece"))
+    }
+
+    type DownloadPersistentTaskStream = BoxStream<DownloadPersistentTaskResponse>;
+
+    async fn download_persistent_task(
+        &self,
+        _request: Request<DownloadPersistentTaskRequest>,
+    ) -> Result<Response<Self::DownloadPersistentTaskStream>, Status> {
+        Err(unimplemented("DownloadPersistentTask"))
+    }
+
+    type SyncPersistentPiecesStream = BoxStream<SyncPersistentPiecesResponse>;
+
+    async fn sync_persistent_pieces(
+        &self,
+        _request: Request<SyncPersistentPiecesRequest>,
+    ) -> Result<Response<Self::SyncPersistentPiecesStream>, Status> {
+        Err(unimplemented("SyncPersistentPieces"))
+    }
+
+    async fn update_persistent_task(
+        &self,
+        _request: Request<UpdatePersistentTaskRequest>,
+    ) -> Result<Response<()>, Status> {
+        Err(unimplemented("UpdatePersistentTask"))
+    }
+
+    async fn stat_persistent_task(
+        &self,
+        _request: Request<StatPersistentTaskRequest>,
+    ) -> Result<Response<PersistentTask>, Status> {
+        Err(unimplemented("StatPersistentTask"))
+    }
+
+    async fn delete_persistent_task(
+        &self,
+        _request: Request<DeletePersistentTaskRequest>,
+    ) -> Result<Response<()>, Status> {
+        Err(unimplemented("DeletePersistentTask"))
+    }
+
+    type DownloadPersistentCacheTaskStream = BoxStream<DownloadPersistentCacheTaskResponse>;
+
+    async fn download_persistent_cache_task(
+        &self,
+        _request: Request<DownloadPersistentCacheTaskRequest>,
+    ) -> Result<Response<Self::DownloadPersistentCacheTaskStream>, Status> {
+        Err(unimplemented("DownloadPersistentCacheTask"))
+    }
+
+    async fn update_persistent_cache_task(
+        &self,
+        _request: Request<UpdatePersistentCacheTaskRequest>,
+    ) -> Result<Response<()>, Status> {
+        Err(unimplemented("UpdatePersistentCacheTask"))
+    }
+
+    async fn stat_persistent_cache_task(
+        &self,
+        _request: Request<StatPersistentCacheTaskRequest>,
+    ) -> Result<Response<PersistentCacheTask>, Status> {
+        Err(unimplemented("StatPersistentCacheTask"))
+    }
+
+    async fn delete_persistent_cache_task(
+        &self,
+        _request: Request<DeletePersistentCacheTaskRequest>,
+    ) -> Result<Response<()>, Status> {
+        Err(unimplemented("DeletePersistentCacheTask"))
+    }
+
+    type SyncPersistentCachePiecesStream = BoxStream<SyncPersistentCachePiecesResponse>;
+
+    async fn sync_persistent_cache_pieces(
+        &self,
+        _request: Request<SyncPersistentCachePiecesRequest>,
+    ) -> Result<Response<Self::SyncPersistentCachePiecesStream>, Status> {
+        Err(unimplemented("SyncPersistentCachePieces"))
+    }
+
+    type SyncHostStream = BoxStream<Host>;
+
+    /// Streams this host's live load (upload/download rates) once a second.
+    async fn sync_host(
+        &self,
+        _request: Request<SyncHostRequest>,
+    ) -> Result<Response<Self::SyncHostStream>, Status> {
+        let (tx, rx) = mpsc::channel(4);
+        let this = UploadService {
+            manager: self.manager.clone(),
+            host: self.host.clone(),
+            traffic: self.traffic.clone(),
+        };
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(SYNC_HOST_INTERVAL);
+            loop {
+                ticker.tick().await;
+                if tx.send(Ok(this.host_message())).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
