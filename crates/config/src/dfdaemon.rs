@@ -375,7 +375,8 @@ impl Default for StorageServer {
 pub struct Storage {
     pub server: StorageServer,
     pub dir: PathBuf,
-    /// Keep tasks across restarts (upstream's default is false: a restart starts empty).
+    /// Keep tasks across restarts. Deviation: upstream defaults to false (a restart starts
+    /// empty); we default to true so finished tasks are served and interrupted ones resume.
     pub keep: bool,
     #[serde(with = "humantime_serde")]
     pub write_piece_timeout: Duration,
@@ -389,7 +390,7 @@ impl Default for Storage {
         Storage {
             server: StorageServer::default(),
             dir: "/var/lib/dragonfly/".into(),
-            keep: false,
+            keep: true,
             write_piece_timeout: Duration::from_secs(360),
             write_buffer_size: 4 * 1024 * 1024,
             read_buffer_size: 1024 * 1024,

@@ -1,1 +1,17 @@
-//! placeholder
+//! Test fixtures shared by the end-to-end tests: an HTTP origin that counts the bytes it
+//! serves (with or without Range support, optionally throttled), and a harness that runs the
+//! real `dfdaemon` and `dfget` binaries on loopback with private ports and directories.
+
+mod daemon;
+mod origin;
+
+pub use daemon::{bin_path, free_port, Daemon};
+pub use origin::{Origin, OriginOptions};
+
+/// Deterministic pseudo-random content of `len` bytes.
+pub fn content(len: usize, seed: u64) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let mut data = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut data);
+    data
+}
