@@ -1,22 +1,13 @@
 //! `dfdaemon.v2.DfdaemonDownload` on the unix socket, for dfget and other local tools.
 
-use super::{serve_download, stat_local, task_to_proto};
+use super::{stat_local, task_to_proto, unimplemented, BoxStream};
 use crate::host::HostInfo;
 use crate::task::TaskManager;
 use dragonfly_api::common::v2::{CacheTask, PersistentCacheTask, PersistentTask, Task};
 use dragonfly_api::dfdaemon::v2::dfdaemon_download_server::DfdaemonDownload;
 use dragonfly_api::dfdaemon::v2::*;
-use std::pin::Pin;
 use std::sync::Arc;
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
-
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
-fn unimplemented(what: &str) -> Status {
-    Status::unimplemented(format!("{what} is not supported by this dfdaemon yet"))
-}
 
 pub struct DownloadService {
     pub manager: Arc<TaskManager>,
@@ -73,18 +64,7 @@ impl DfdaemonDownload for DownloadService {
         &self,
         request: Request<DownloadTaskRequest>,
     ) -> Result<Response<Self::DownloadTaskStream>, Status> {
-        let download = request
-            .into_inner()
-            .download
-            .ok_or_else(|| Status::invalid_argument("missing download"))?;
-        let rx = serve_download(
-            self.manager.clone(),
-            self.host.host_id.clone(),
-            self.host.identity.peer_id(),
-            download,
-        )
-        .await?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        super::download_task(&self.manager, &self.host, request.into_inner()).await
     }
 
     async fn stat_task(&self, request: Request<StatTaskRequest>) -> Result<Response<Task>, Status> {

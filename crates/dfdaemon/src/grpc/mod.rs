@@ -4,6 +4,7 @@ pub mod download;
 pub mod upload;
 
 use crate::error::TaskError;
+use crate::host::HostInfo;
 use crate::task::{DownloadPlan, TaskManager, TaskRun};
 use d7y_storage::{PieceMeta, TaskMeta};
 use dragonfly_api::common::v2::{Piece, Task, TaskType};
@@ -11,9 +12,12 @@ use dragonfly_api::dfdaemon::v2::{
     download_task_response, DownloadPieceFinishedResponse, DownloadTaskResponse,
     DownloadTaskStartedResponse, StatLocalTaskResponse,
 };
+use std::pin::Pin;
 use std::sync::Arc;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
 use tonic::Status;
 
 pub(crate) fn timestamp(secs: u64) -> prost_wkt_types::Timestamp {
@@ -272,4 +276,29 @@ pub(crate) async fn serve_download(
         }
     });
     Ok(rx)
+}
+
+pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+pub(crate) fn unimplemented(what: &str) -> Status {
+    Status::unimplemented(format!("{what} is not supported by this dfdaemon yet"))
+}
+
+/// The DownloadTask RPC, shared by the download (local) and upload (remote) services.
+pub(crate) async fn download_task(
+    manager: &Arc<TaskManager>,
+    host: &HostInfo,
+    request: dragonfly_api::dfdaemon::v2::DownloadTaskRequest,
+) -> Result<tonic::Response<BoxStream<DownloadTaskResponse>>, Status> {
+    let download = request
+        .download
+        .ok_or_else(|| Status::invalid_argument("missing download"))?;
+    let rx = serve_download(
+        manager.clone(),
+        host.host_id.clone(),
+        host.identity.peer_id(),
+        download,
+    )
+    .await?;
+    Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
 }

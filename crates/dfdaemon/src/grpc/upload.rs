@@ -1,7 +1,7 @@
 //! `dfdaemon.v2.DfdaemonUpload` on TCP, for other peers and the scheduler.
 
 use super::download::{delete_impl, stat_local_impl, stat_task_impl};
-use super::serve_download;
+use super::{unimplemented, BoxStream};
 use crate::host::{HostInfo, Traffic};
 use crate::task::TaskManager;
 use dragonfly_api::common::v2::{
@@ -10,19 +10,11 @@ use dragonfly_api::common::v2::{
 use dragonfly_api::dfdaemon::v2::dfdaemon_upload_server::DfdaemonUpload;
 use dragonfly_api::dfdaemon::v2::*;
 use std::collections::HashSet;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
-
-type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
-fn unimplemented(what: &str) -> Status {
-    Status::unimplemented(format!("{what} is not supported by this dfdaemon yet"))
-}
 
 /// How often SyncHost reports.
 const SYNC_HOST_INTERVAL: Duration = Duration::from_secs(1);
@@ -67,18 +59,7 @@ impl DfdaemonUpload for UploadService {
         &self,
         request: Request<DownloadTaskRequest>,
     ) -> Result<Response<Self::DownloadTaskStream>, Status> {
-        let download = request
-            .into_inner()
-            .download
-            .ok_or_else(|| Status::invalid_argument("missing download"))?;
-        let rx = serve_download(
-            self.manager.clone(),
-            self.host.host_id.clone(),
-            self.host.identity.peer_id(),
-            download,
-        )
-        .await?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        super::download_task(&self.manager, &self.host, request.into_inner()).await
     }
 
     async fn stat_task(&self, request: Request<StatTaskRequest>) -> Result<Response<Task>, Status> {
