@@ -62,6 +62,8 @@ impl Origin {
         let app = axum::Router::new()
             .route("/status/{code}", get(status))
             .route("/files/{name}", get(file))
+            .route("/redirect/{name}", get(redirect))
+            .route("/auth/{name}", get(auth_file))
             .with_state(shared.clone());
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -106,6 +108,23 @@ impl Origin {
         self.shared.bytes_served.store(0, Ordering::SeqCst);
         self.shared.requests.store(0, Ordering::SeqCst);
     }
+}
+
+/// 302 to `/files/<name>`.
+async fn redirect(Path(name): Path<String>) -> Response {
+    Response::builder()
+        .status(StatusCode::FOUND)
+        .header("location", format!("/files/{name}"))
+        .body(Body::empty())
+        .unwrap()
+}
+
+/// `/files/<name>`, but only with the header `X-Token: secret` (else 401).
+async fn auth_file(state: State<Arc<Shared>>, path: Path<String>, headers: HeaderMap) -> Response {
+    if headers.get("x-token").and_then(|v| v.to_str().ok()) != Some("secret") {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    file(state, path, headers).await
 }
 
 async fn status(Path(code): Path<u16>) -> StatusCode {

@@ -380,3 +380,30 @@ fn concurrent_requests_for_one_task_share_one_download() {
         "origin served {served} bytes for one {size}-byte task"
     );
 }
+
+#[test]
+fn redirects_are_followed_and_headers_passed_through() {
+    let tmp = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(&tmp.path().join("peer"), "").unwrap();
+    let origin = Origin::start(OriginOptions::default());
+    let data = content(5 * MIB + 3, 31);
+    origin.put("r", data.clone());
+
+    let output = tmp.path().join("redirected");
+    assert_ok(
+        &daemon.dfget_output(&origin.url("/redirect/r"), &output, &[]),
+        &daemon,
+    );
+    assert_same(&output, &data);
+
+    let output = tmp.path().join("auth");
+    let out = daemon.dfget_output(&origin.url("/auth/r"), &output, &[]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("HTTP 401"), "{}", stderr(&out));
+    assert!(!output.exists());
+    assert_ok(
+        &daemon.dfget_output(&origin.url("/auth/r"), &output, &["-H", "X-Token: secret"]),
+        &daemon,
+    );
+    assert_same(&output, &data);
+}
