@@ -62,7 +62,7 @@ def main():
         port = 18181
         conf = os.path.join(tmp, "nginx.conf")
         with open(conf, "w") as f:
-            f.write(f"""worker_processes 1; daemon off; pid {tmp}/nginx.pid; error_log {tmp}/nginx.err;
+            f.write(f"""user root; worker_processes 1; daemon off; pid {tmp}/nginx.pid; error_log {tmp}/nginx.err;
 events {{ worker_connections 256; }}
 http {{ access_log off; sendfile on; client_body_temp_path {tmp}/cb; proxy_temp_path {tmp}/pt;
 fastcgi_temp_path {tmp}/ft; uwsgi_temp_path {tmp}/ut; scgi_temp_path {tmp}/st;
@@ -87,7 +87,7 @@ health: {{server: {{ip: 127.0.0.1, port: 0}}}}
             time.sleep(0.05)
         time.sleep(0.3)
         url = f"http://127.0.0.1:{port}/blob"
-        sh("curl", "-s", "-o", "/dev/null", url)  # warm the page cache for both
+        sh("curl", "-s", "-f", "-o", "/dev/null", url)  # warm the page cache for both
 
         out = os.path.join(tmp, "out")
         os.makedirs(out)
