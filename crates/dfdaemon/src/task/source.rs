@@ -147,6 +147,7 @@ impl Ctx<'_> {
             .max(64 * 1024) as usize
     }
 
+    /// Waits for the bandwidth limits; called once per buffer flush, not per network chunk.
     async fn throttle(&self, bytes: usize) {
         self.mgr.source_bandwidth.acquire(bytes).await;
         self.mgr.download_bandwidth.acquire(bytes).await;
@@ -266,12 +267,12 @@ impl Ctx<'_> {
                     actual: received,
                 });
             }
-            self.throttle(chunk.len()).await;
             hasher.update(&chunk);
             buf.extend_from_slice(&chunk);
             if buf.len() >= cap {
                 let data = std::mem::replace(&mut buf, BytesMut::with_capacity(cap)).freeze();
                 let n = data.len() as u64;
+                self.throttle(data.len()).await;
                 self.writer.write_at(written, data).await?;
                 written += n;
             }
@@ -284,6 +285,7 @@ impl Ctx<'_> {
             .into());
         }
         if !buf.is_empty() {
+            self.throttle(buf.len()).await;
             self.writer.write_at(written, buf.freeze()).await?;
         }
         Ok(hasher.finalize())
@@ -434,6 +436,7 @@ impl Ctx<'_> {
         }
         if !buf.is_empty() {
             let data = std::mem::take(buf).freeze();
+            self.throttle(data.len()).await;
             self.writer.write_at(offset + flushed, data).await?;
         }
         let crc = std::mem::replace(hasher, crc32fast::Hasher::new()).finalize();
