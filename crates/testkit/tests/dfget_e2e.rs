@@ -172,7 +172,6 @@ fn vortex_client_fetches_pieces_with_matching_crc() {
         .enable_all()
         .build()
         .unwrap();
-    let storage_dir = daemon.data_dir();
     rt.block_on(async {
         // Find the task ID the daemon used (upstream's derivation, default filtered params).
         let filtered = d7y_types::id::default_filtered_query_params();
@@ -214,9 +213,6 @@ fn vortex_client_fetches_pieces_with_matching_crc() {
         assert!(err.is_not_found(), "{err}");
         let (meta, _) = client.fetch_piece(&task_id, 2).await.unwrap();
         assert_eq!(meta.length as usize, size - 8 * MIB);
-        // The metadata the daemon stored agrees (read after the daemon is gone).
-        drop(client);
-        let _ = storage_dir;
     });
 }
 
