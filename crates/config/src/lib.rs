@@ -5,6 +5,8 @@
 //! upstream's `dfdaemon.yaml`; keys that upstream does not have are marked as extensions.
 
 pub mod dfdaemon;
+pub mod dynconfig;
+pub mod scheduler;
 
 use std::path::{Path, PathBuf};
 

@@ -6,9 +6,11 @@
 //! computes for the same request.
 
 pub mod digest;
+pub mod hashring;
 pub mod id;
 pub mod piece;
 
 pub use digest::{Algorithm, Digest, DigestError, Hasher};
+pub use hashring::HashRing;
 pub use id::{HostIdentity, IdError, TaskIdParams};
 pub use piece::{PieceError, PieceLayout};

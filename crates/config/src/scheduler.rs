@@ -1,0 +1,341 @@
+//! `scheduler.yaml`.
+//!
+//! Key names follow upstream's scheduler config (`server.port`, `scheduler.retryLimit`,
+//! `scheduler.gc.peerTTL`, ...). Sections upstream has but this scheduler does not use
+//! (database, job, manager, ...) are accepted and ignored so an upstream file still loads.
+//! Extensions: `scheduler.candidateParentLimit` and `scheduler.filterParentLimit` (upstream
+//! reads them from the manager's cluster config), `scheduler.maxChildrenPerParent`, and
+//! `seedPeers` (the static seed-peer list used until a manager provides it).
+
+use crate::{load_yaml, parse_yaml, ConfigError};
+use serde::{Deserialize, Serialize};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The default config file path.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/dragonfly/scheduler.yaml";
+/// The scheduler's default gRPC port.
+pub const DEFAULT_PORT: u16 = 8002;
+/// The default port of a seed peer's DfdaemonUpload service.
+pub const DEFAULT_SEED_PEER_PORT: u16 = 4000;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    pub server: Server,
+    pub scheduler: Scheduling,
+    pub seed_peers: Vec<SeedPeer>,
+    pub host: Host,
+    pub metrics: Metrics,
+    // Accepted for compatibility with upstream files, not used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database: Option<serde_yaml_ng::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dynconfig: Option<serde_yaml_ng::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub manager: Option<serde_yaml_ng::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed_peer: Option<serde_yaml_ng::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub job: Option<serde_yaml_ng::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage: Option<serde_yaml_ng::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<serde_yaml_ng::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub security: Option<serde_yaml_ng::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<serde_yaml_ng::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub console: Option<serde_yaml_ng::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verbose: Option<serde_yaml_ng::Value>,
+    #[serde(skip_serializing_if = "Option::is_none", rename = "pprofPort")]
+    pub pprof_port: Option<serde_yaml_ng::Value>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = load_yaml(path)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = parse_yaml(text).map_err(|message| ConfigError::Parse {
+            path: PathBuf::from("<inline>"),
+            message,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.to_string(),
+            })
+        };
+        let s = &self.scheduler;
+        if !(1..=20).contains(&s.candidate_parent_limit) {
+            return invalid("scheduler.candidateParentLimit", "must be between 1 and 20");
+        }
+        if !(1..=1000).contains(&s.filter_parent_limit) {
+            return invalid("scheduler.filterParentLimit", "must be between 1 and 1000");
+        }
+        if s.filter_parent_limit < s.candidate_parent_limit {
+            return invalid(
+                "scheduler.filterParentLimit",
+                "must not be lower than scheduler.candidateParentLimit",
+            );
+        }
+        if s.retry_limit == 0 {
+            return invalid("scheduler.retryLimit", "must be at least 1");
+        }
+        if s.retry_back_to_source_limit > s.retry_limit {
+            return invalid(
+                "scheduler.retryBackToSourceLimit",
+                "must not be greater than scheduler.retryLimit",
+            );
+        }
+        if s.max_children_per_parent == 0 {
+            return invalid("scheduler.maxChildrenPerParent", "must be at least 1");
+        }
+        for (key, value) in [
+            ("scheduler.gc.peerGCInterval", s.gc.peer_gc_interval),
+            ("scheduler.gc.peerTTL", s.gc.peer_ttl),
+            ("scheduler.gc.taskGCInterval", s.gc.task_gc_interval),
+            ("scheduler.gc.hostGCInterval", s.gc.host_gc_interval),
+            ("scheduler.gc.hostTTL", s.gc.host_ttl),
+        ] {
+            if value.is_zero() {
+                return invalid(key, "must be greater than 0");
+            }
+        }
+        if self
+            .seed_peers
+            .iter()
+            .any(|p| p.ip.is_none() && p.hostname.is_empty())
+        {
+            return invalid("seedPeers", "every seed peer needs an ip or a hostname");
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Server {
+    #[serde(rename = "advertiseIP")]
+    pub advertise_ip: Option<IpAddr>,
+    #[serde(rename = "listenIP")]
+    pub listen_ip: Option<IpAddr>,
+    pub port: u16,
+    pub host: Option<String>,
+    pub work_home: Option<PathBuf>,
+    pub log_dir: Option<PathBuf>,
+    pub cache_dir: Option<PathBuf>,
+    pub plugin_dir: Option<PathBuf>,
+    pub data_dir: Option<PathBuf>,
+    pub log_level: Option<String>,
+    pub request_rate_limit: Option<u64>,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server {
+            advertise_ip: None,
+            listen_ip: None,
+            port: DEFAULT_PORT,
+            host: None,
+            work_home: None,
+            log_dir: None,
+            cache_dir: None,
+            plugin_dir: None,
+            data_dir: None,
+            log_level: None,
+            request_rate_limit: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Scheduling {
+    /// Only `default` exists.
+    pub algorithm: String,
+    /// Most peers of one task that may go back to source.
+    pub back_to_source_count: u32,
+    /// Failed schedules before a peer is told to go back to source.
+    pub retry_back_to_source_limit: u32,
+    /// Failed schedules before the peer's download fails.
+    pub retry_limit: u32,
+    #[serde(with = "humantime_serde")]
+    pub retry_interval: Duration,
+    /// Parents handed to a peer at once (upstream: 3, from the manager's cluster config).
+    pub candidate_parent_limit: u32,
+    /// Peers sampled before filtering (upstream: 15).
+    pub filter_parent_limit: u32,
+    /// Extension: most children one parent serves at once (spreads load off hot parents).
+    pub max_children_per_parent: u32,
+    pub gc: SchedulerGc,
+}
+
+impl Default for Scheduling {
+    fn default() -> Self {
+        Scheduling {
+            algorithm: "default".into(),
+            back_to_source_count: 200,
+            retry_back_to_source_limit: 4,
+            retry_limit: 5,
+            retry_interval: Duration::from_millis(500),
+            candidate_parent_limit: 4,
+            filter_parent_limit: 40,
+            max_children_per_parent: 8,
+            gc: SchedulerGc::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerGc {
+    #[serde(rename = "pieceDownloadTimeout", with = "humantime_serde")]
+    pub piece_download_timeout: Duration,
+    #[serde(rename = "peerGCInterval", with = "humantime_serde")]
+    pub peer_gc_interval: Duration,
+    #[serde(rename = "peerTTL", with = "humantime_serde")]
+    pub peer_ttl: Duration,
+    #[serde(rename = "taskGCInterval", with = "humantime_serde")]
+    pub task_gc_interval: Duration,
+    #[serde(rename = "hostGCInterval", with = "humantime_serde")]
+    pub host_gc_interval: Duration,
+    #[serde(rename = "hostTTL", with = "humantime_serde")]
+    pub host_ttl: Duration,
+}
+
+impl Default for SchedulerGc {
+    fn default() -> Self {
+        SchedulerGc {
+            piece_download_timeout: Duration::from_secs(30 * 60),
+            peer_gc_interval: Duration::from_secs(10),
+            peer_ttl: Duration::from_secs(24 * 3600),
+            task_gc_interval: Duration::from_secs(30 * 60),
+            host_gc_interval: Duration::from_secs(5 * 60),
+            host_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// A seed peer the scheduler may trigger (its DfdaemonUpload address).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct SeedPeer {
+    pub hostname: String,
+    pub ip: Option<IpAddr>,
+    /// DfdaemonUpload port.
+    pub port: Option<u16>,
+}
+
+impl SeedPeer {
+    /// `ip:port` (or `hostname:port`) of its upload service.
+    pub fn addr(&self) -> String {
+        let port = self.port.unwrap_or(DEFAULT_SEED_PEER_PORT);
+        match self.ip {
+            Some(IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+            Some(ip) => format!("{ip}:{port}"),
+            None => format!("{}:{port}", self.hostname),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Host {
+    pub idc: Option<String>,
+    pub location: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Metrics {
+    pub enable: bool,
+    /// `host:port` or `:port`.
+    pub addr: String,
+    pub enable_host: bool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            enable: true,
+            addr: ":8000".into(),
+            enable_host: false,
+        }
+    }
+}
+
+impl Metrics {
+    /// The socket address to bind (`:8000` means every interface).
+    pub fn socket_addr(&self) -> Result<std::net::SocketAddr, ConfigError> {
+        let text = if self.addr.starts_with(':') {
+            format!("0.0.0.0{}", self.addr)
+        } else {
+            self.addr.clone()
+        };
+        text.parse().map_err(|e| ConfigError::Invalid {
+            key: "metrics.addr",
+            message: format!("{:?} is not host:port: {e}", self.addr),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_follow_upstream() {
+        let c = Config::from_yaml("").unwrap();
+        assert_eq!(c.server.port, 8002);
+        assert_eq!(c.scheduler.retry_limit, 5);
+        assert_eq!(c.scheduler.retry_back_to_source_limit, 4);
+        assert_eq!(c.scheduler.retry_interval, Duration::from_millis(500));
+        assert_eq!(c.scheduler.gc.peer_ttl, Duration::from_secs(86400));
+        assert_eq!(c.scheduler.gc.host_ttl, Duration::from_secs(3600));
+        assert_eq!(c.metrics.socket_addr().unwrap().port(), 8000);
+    }
+
+    #[test]
+    fn upstream_style_file_loads() {
+        let c = Config::from_yaml(
+            "server:\n  advertiseIP: 10.0.0.1\n  listenIP: 0.0.0.0\n  port: 9002\n\
+             scheduler:\n  algorithm: default\n  retryInterval: 1s\n  gc:\n    peerTTL: 1h\n    hostTTL: 2h\n\
+             database:\n  redis:\n    addrs: [a:6379]\n\
+             seedPeers:\n  - ip: 127.0.0.1\n    port: 4100\n",
+        )
+        .unwrap();
+        assert_eq!(c.server.port, 9002);
+        assert_eq!(c.scheduler.gc.peer_ttl, Duration::from_secs(3600));
+        assert_eq!(c.seed_peers[0].addr(), "127.0.0.1:4100");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (yaml, key) in [
+            (
+                "scheduler:\n  candidateParentLimit: 0\n",
+                "candidateParentLimit",
+            ),
+            ("scheduler:\n  retryLimit: 0\n", "retryLimit"),
+            ("scheduler:\n  gc:\n    peerTTL: 0s\n", "peerTTL"),
+            ("seedPeers:\n  - port: 1\n", "seedPeers"),
+            ("schedulr: {}\n", "schedulr"),
+        ] {
+            let err = Config::from_yaml(yaml).unwrap_err().to_string();
+            assert!(err.contains(key), "{yaml}: {err}");
+        }
+    }
+}

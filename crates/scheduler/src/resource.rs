@@ -1,0 +1,908 @@
+//! The in-memory swarm: hosts, tasks, peers, and each task's parent graph.
+//!
+//! **Invariants** (checked by the tests at the bottom):
+//! - every peer's task and host exist; a task's peer list holds exactly its peers;
+//! - `parents`/`children` are mirror images, and only link peers of the same task;
+//! - the parent graph of a task has no cycle, and no edge joins two peers of one host;
+//! - removing a peer removes all its edges.
+//!
+//! Everything here is synchronous and runs under the service's one lock; nothing awaits.
+
+use crate::evaluator::{self, ChildStats, ParentStats, COST_WINDOW};
+use crate::scheduling::{self, Candidate, Child, PeerState};
+use dragonfly_api::common::v2 as common;
+use rand::seq::index::sample;
+use rand::Rng;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::Instant;
+
+/// A growable bitset of piece numbers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PieceSet {
+    words: Vec<u64>,
+    count: u32,
+}
+
+impl PieceSet {
+    /// Adds a piece; false if it was there.
+    pub fn insert(&mut self, n: u32) -> bool {
+        let (w, b) = ((n / 64) as usize, n % 64);
+        if self.words.len() <= w {
+            self.words.resize(w + 1, 0);
+        }
+        let fresh = self.words[w] & (1 << b) == 0;
+        self.words[w] |= 1 << b;
+        self.count += fresh as u32;
+        fresh
+    }
+
+    pub fn contains(&self, n: u32) -> bool {
+        let (w, b) = ((n / 64) as usize, n % 64);
+        self.words.get(w).is_some_and(|word| word & (1 << b) != 0)
+    }
+
+    pub fn len(&self) -> u32 {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// How many pieces `self` has that `other` lacks.
+    pub fn count_missing_from(&self, other: &PieceSet) -> u32 {
+        self.words
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (w & !other.words.get(i).copied().unwrap_or(0)).count_ones())
+            .sum()
+    }
+}
+
+/// A host as announced (AnnounceHost) or first seen at registration.
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub id: String,
+    pub is_seed: bool,
+    pub proto: common::Host,
+    pub announced_at: Instant,
+    pub peers: HashSet<String>,
+}
+
+impl Host {
+    pub fn from_proto(proto: common::Host) -> Host {
+        Host {
+            id: proto.id.clone(),
+            is_seed: proto.r#type != 0,
+            proto,
+            announced_at: Instant::now(),
+            peers: HashSet::new(),
+        }
+    }
+
+    fn network(&self) -> common::Network {
+        self.proto.network.clone().unwrap_or_default()
+    }
+}
+
+/// What the scheduler knows of one task.
+#[derive(Debug, Clone)]
+pub struct Task {
+    pub id: String,
+    pub url: String,
+    pub download: common::Download,
+    pub content_length: Option<u64>,
+    pub piece_length: Option<u64>,
+    pub piece_count: Option<u32>,
+    peer_list: Vec<String>,
+    peer_index: HashMap<String, usize>,
+    /// A seed peer was asked to download it, and when.
+    pub seed_triggered: Option<Instant>,
+    pub seed_failed: bool,
+    pub created_at: Instant,
+    pub updated_at: Instant,
+    /// Piece digests as first reported, to cross-check later reports.
+    pub piece_digests: HashMap<u32, String>,
+}
+
+impl Task {
+    fn new(id: String, download: common::Download) -> Task {
+        let now = Instant::now();
+        Task {
+            id,
+            url: download.url.clone(),
+            content_length: download.actual_content_length,
+            piece_length: download.actual_piece_length.or(download.piece_length),
+            piece_count: download.actual_piece_count.map(|c| c as u32),
+            download,
+            peer_list: Vec::new(),
+            peer_index: HashMap::new(),
+            seed_triggered: None,
+            seed_failed: false,
+            created_at: now,
+            updated_at: now,
+            piece_digests: HashMap::new(),
+        }
+    }
+
+    pub fn peer_ids(&self) -> &[String] {
+        &self.peer_list
+    }
+
+    fn add_peer(&mut self, id: &str) {
+        if !self.peer_index.contains_key(id) {
+            self.peer_index.insert(id.to_string(), self.peer_list.len());
+            self.peer_list.push(id.to_string());
+        }
+    }
+
+    fn remove_peer(&mut self, id: &str) {
+        if let Some(i) = self.peer_index.remove(id) {
+            self.peer_list.swap_remove(i);
+            if let Some(moved) = self.peer_list.get(i) {
+                self.peer_index.insert(moved.clone(), i);
+            }
+        }
+    }
+
+    /// Learns sizes from a registering peer that probed the origin.
+    fn learn(&mut self, download: &common::Download) {
+        if self.content_length.is_none() {
+            self.content_length = download.actual_content_length;
+        }
+        if self.piece_length.is_none() {
+            self.piece_length = download.actual_piece_length.or(download.piece_length);
+        }
+        if self.piece_count.is_none() {
+            self.piece_count = download.actual_piece_count.map(|c| c as u32);
+        }
+        if self.piece_count.is_none() {
+            if let (Some(len), Some(pl)) = (self.content_length, self.piece_length) {
+                if pl > 0 {
+                    self.piece_count = Some(len.div_ceil(pl) as u32);
+                }
+            }
+        }
+    }
+}
+
+/// One download of one task by one host.
+#[derive(Debug)]
+pub struct Peer {
+    pub id: String,
+    pub task_id: String,
+    pub host_id: String,
+    pub state: PeerState,
+    pub priority: i32,
+    pub pieces: PieceSet,
+    /// Recent costs (ms) of pieces this peer downloaded, oldest first.
+    pub costs: VecDeque<u64>,
+    pub parents: HashSet<String>,
+    pub children: HashSet<String>,
+    /// Parents this peer reported as failing it; never offered to it again.
+    pub blocklist: HashSet<String>,
+    /// A child reported corrupt data from this peer: never offered to anyone again.
+    pub corrupt: bool,
+    pub need_back_to_source: bool,
+    /// Failed schedules (no parent found) so far.
+    pub schedule_failures: u32,
+    /// It sends refresh reschedules, so it accepts a new parent set at any time.
+    pub refreshes: bool,
+    /// Bytes it reported by traffic type: back-to-source, remote peer.
+    pub source_bytes: u64,
+    pub peer_bytes: u64,
+    pub created_at: Instant,
+    pub updated_at: Instant,
+}
+
+impl Peer {
+    fn new(id: String, task_id: String, host_id: String, priority: i32) -> Peer {
+        let now = Instant::now();
+        Peer {
+            id,
+            task_id,
+            host_id,
+            state: PeerState::Received,
+            priority,
+            pieces: PieceSet::default(),
+            costs: VecDeque::new(),
+            parents: HashSet::new(),
+            children: HashSet::new(),
+            blocklist: HashSet::new(),
+            corrupt: false,
+            need_back_to_source: false,
+            schedule_failures: 0,
+            refreshes: false,
+            source_bytes: 0,
+            peer_bytes: 0,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    pub fn add_cost(&mut self, millis: u64) {
+        if self.costs.len() == COST_WINDOW {
+            self.costs.pop_front();
+        }
+        self.costs.push_back(millis);
+    }
+
+    fn is_bad_by_costs(&self) -> bool {
+        let (a, b) = self.costs.as_slices();
+        if b.is_empty() {
+            evaluator::is_bad_by_costs(a)
+        } else {
+            evaluator::is_bad_by_costs(&self.costs.iter().copied().collect::<Vec<_>>())
+        }
+    }
+}
+
+/// Scheduling limits, from the config.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub candidate_parents: usize,
+    pub filter_parents: usize,
+    pub max_children: u32,
+}
+
+/// The result of scheduling one child.
+#[derive(Debug, Default, PartialEq)]
+pub struct Scheduled {
+    /// The child's new parent set (empty: none found).
+    pub parents: Vec<String>,
+    /// Other peers whose parent set changed (an edge to them was reversed); each must be
+    /// sent its new set.
+    pub revised: Vec<String>,
+}
+
+/// Hosts, tasks and peers.
+#[derive(Debug, Default)]
+pub struct Resources {
+    pub hosts: HashMap<String, Host>,
+    pub tasks: HashMap<String, Task>,
+    pub peers: HashMap<String, Peer>,
+}
+
+/// Domain failures of resource operations.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResourceError {
+    #[error("host {0} is unknown; announce it first (AnnounceHost)")]
+    UnknownHost(String),
+    #[error("task {0} is unknown")]
+    UnknownTask(String),
+    #[error("peer {0} is unknown; register it first")]
+    UnknownPeer(String),
+    #[error("peer {peer} belongs to task {actual}, not {claimed}")]
+    WrongTask {
+        peer: String,
+        actual: String,
+        claimed: String,
+    },
+}
+
+impl Resources {
+    /// Adds or refreshes a host.
+    pub fn announce_host(&mut self, proto: common::Host) {
+        match self.hosts.get_mut(&proto.id) {
+            Some(host) => {
+                host.is_seed = proto.r#type != 0;
+                host.proto = proto;
+                host.announced_at = Instant::now();
+            }
+            None => {
+                self.hosts.insert(proto.id.clone(), Host::from_proto(proto));
+            }
+        }
+    }
+
+    /// Registers a peer (or re-registers one whose stream was lost), creating its task.
+    pub fn register_peer(
+        &mut self,
+        host_id: &str,
+        task_id: &str,
+        peer_id: &str,
+        download: &common::Download,
+    ) -> Result<(), ResourceError> {
+        if !self.hosts.contains_key(host_id) {
+            return Err(ResourceError::UnknownHost(host_id.to_string()));
+        }
+        if let Some(existing) = self.peers.get(peer_id) {
+            if existing.task_id != task_id {
+                return Err(ResourceError::WrongTask {
+                    peer: peer_id.to_string(),
+                    actual: existing.task_id.clone(),
+                    claimed: task_id.to_string(),
+                });
+            }
+            // A re-registration starts the peer over.
+            self.remove_peer(peer_id);
+        }
+        let task = self
+            .tasks
+            .entry(task_id.to_string())
+            .or_insert_with(|| Task::new(task_id.to_string(), download.clone()));
+        task.learn(download);
+        task.updated_at = Instant::now();
+        task.add_peer(peer_id);
+        let mut peer = Peer::new(
+            peer_id.to_string(),
+            task_id.to_string(),
+            host_id.to_string(),
+            download.priority,
+        );
+        peer.need_back_to_source = download.need_back_to_source;
+        self.peers.insert(peer_id.to_string(), peer);
+        self.hosts
+            .get_mut(host_id)
+            .expect("checked above")
+            .peers
+            .insert(peer_id.to_string());
+        Ok(())
+    }
+
+    pub fn peer_mut(&mut self, peer_id: &str) -> Result<&mut Peer, ResourceError> {
+        self.peers
+            .get_mut(peer_id)
+            .ok_or_else(|| ResourceError::UnknownPeer(peer_id.to_string()))
+    }
+
+    /// Removes a peer and all its edges; returns its former children.
+    pub fn remove_peer(&mut self, peer_id: &str) -> Vec<String> {
+        let Some(peer) = self.peers.remove(peer_id) else {
+            return Vec::new();
+        };
+        for parent in &peer.parents {
+            if let Some(p) = self.peers.get_mut(parent) {
+                p.children.remove(peer_id);
+            }
+        }
+        for child in &peer.children {
+            if let Some(c) = self.peers.get_mut(child) {
+                c.parents.remove(peer_id);
+            }
+        }
+        if let Some(task) = self.tasks.get_mut(&peer.task_id) {
+            task.remove_peer(peer_id);
+        }
+        if let Some(host) = self.hosts.get_mut(&peer.host_id) {
+            host.peers.remove(peer_id);
+        }
+        peer.children.into_iter().collect()
+    }
+
+    /// Removes a task and its peers.
+    pub fn remove_task(&mut self, task_id: &str) -> bool {
+        let Some(task) = self.tasks.get(task_id) else {
+            return false;
+        };
+        for peer in task.peer_list.clone() {
+            self.remove_peer(&peer);
+        }
+        self.tasks.remove(task_id);
+        true
+    }
+
+    /// Removes a host and its peers.
+    pub fn remove_host(&mut self, host_id: &str) -> bool {
+        let Some(host) = self.hosts.get(host_id) else {
+            return false;
+        };
+        for peer in host.peers.clone() {
+            self.remove_peer(&peer);
+        }
+        self.hosts.remove(host_id);
+        true
+    }
+
+    /// Drops every in-edge of a peer (it no longer downloads from anyone).
+    pub fn clear_parents(&mut self, peer_id: &str) {
+        let Some(peer) = self.peers.get_mut(peer_id) else {
+            return;
+        };
+        let parents: Vec<String> = peer.parents.drain().collect();
+        for parent in parents {
+            if let Some(p) = self.peers.get_mut(&parent) {
+                p.children.remove(peer_id);
+            }
+        }
+    }
+
+    fn add_edge(&mut self, parent: &str, child: &str) {
+        if let Some(p) = self.peers.get_mut(parent) {
+            p.children.insert(child.to_string());
+        }
+        if let Some(c) = self.peers.get_mut(child) {
+            c.parents.insert(parent.to_string());
+        }
+    }
+
+    pub fn remove_edge(&mut self, parent: &str, child: &str) {
+        if let Some(p) = self.peers.get_mut(parent) {
+            p.children.remove(child);
+        }
+        if let Some(c) = self.peers.get_mut(child) {
+            c.parents.remove(parent);
+        }
+    }
+
+    /// Whether `from` reaches `to` along parent→child edges.
+    pub fn reaches(&self, from: &str, to: &str) -> bool {
+        if from == to {
+            return true;
+        }
+        let Some(start) = self.peers.get(from) else {
+            return false;
+        };
+        if start.children.is_empty() {
+            return false;
+        }
+        let mut seen: HashSet<&str> = HashSet::new();
+        let mut stack: Vec<&str> = vec![from];
+        while let Some(id) = stack.pop() {
+            if !seen.insert(id) {
+                continue;
+            }
+            if let Some(p) = self.peers.get(id) {
+                for c in &p.children {
+                    if c == to {
+                        return true;
+                    }
+                    stack.push(c);
+                }
+            }
+        }
+        false
+    }
+
+    /// Normal peers of a task that hold at least one piece (a warm swarm has two or more).
+    fn warm_holders(&self, task: &Task, sampled: &[String]) -> u32 {
+        let _ = task;
+        sampled
+            .iter()
+            .filter_map(|id| self.peers.get(id))
+            .filter(|p| {
+                !p.pieces.is_empty() && !self.hosts.get(&p.host_id).is_some_and(|h| h.is_seed)
+            })
+            .count() as u32
+    }
+
+    /// Builds the candidate snapshot of `parent_id` relative to `child`.
+    fn candidate(&self, parent: &Peer, child: &Peer, missing: u32, limits: &Limits) -> Candidate {
+        let host = self.hosts.get(&parent.host_id);
+        let network = host.map(Host::network).unwrap_or_default();
+        Candidate {
+            peer_id: parent.id.clone(),
+            host_id: parent.host_id.clone(),
+            state: parent.state,
+            disable_shared: host.is_some_and(|h| h.proto.disable_shared),
+            in_degree: parent.parents.len() as u32,
+            finished_pieces: parent.pieces.len(),
+            bad: parent.corrupt || parent.is_bad_by_costs(),
+            stats: ParentStats {
+                is_seed: host.is_some_and(|h| h.is_seed),
+                active: matches!(parent.state, PeerState::Succeeded | PeerState::BackToSource)
+                    || (parent.state == PeerState::Running && !parent.parents.is_empty()),
+                useful_pieces: parent.pieces.count_missing_from(&child.pieces),
+                child_missing: missing,
+                children: parent.children.len() as u32,
+                max_children: limits.max_children,
+                max_tx_bps: network.max_tx_bandwidth,
+                tx_bps: network.tx_bandwidth.unwrap_or(0),
+                idc: network.idc,
+                location: network.location,
+            },
+        }
+    }
+
+    /// Chooses a new parent set for `child_id`, replacing its current one, and records the
+    /// edges. With `allow_reversal`, a direct child of `child_id` that holds more of what
+    /// `child_id` lacks than the reverse may become its parent instead (the edge flips, and
+    /// the flipped peer is listed in `revised`); this lets two peers feed each other over time
+    /// while the graph stays acyclic at every instant.
+    pub fn schedule(
+        &mut self,
+        child_id: &str,
+        limits: &Limits,
+        allow_reversal: bool,
+        rng: &mut impl Rng,
+    ) -> Result<Scheduled, ResourceError> {
+        let child = self
+            .peers
+            .get(child_id)
+            .ok_or_else(|| ResourceError::UnknownPeer(child_id.to_string()))?;
+        let task = self
+            .tasks
+            .get(&child.task_id)
+            .ok_or_else(|| ResourceError::UnknownTask(child.task_id.clone()))?;
+        let missing = task
+            .piece_count
+            .map(|c| c.saturating_sub(child.pieces.len()))
+            .unwrap_or(0);
+
+        // Sample up to filter_parents peers at random (the random order also breaks ties).
+        let ids = task.peer_ids();
+        let sampled: Vec<String> = if ids.len() <= limits.filter_parents {
+            let mut all = ids.to_vec();
+            rand::seq::SliceRandom::shuffle(all.as_mut_slice(), rng);
+            all
+        } else {
+            sample(rng, ids.len(), limits.filter_parents)
+                .into_iter()
+                .map(|i| ids[i].clone())
+                .collect()
+        };
+        let child_host = self.hosts.get(&child.host_id);
+        let child_net = child_host.map(Host::network).unwrap_or_default();
+        let stats = ChildStats {
+            idc: child_net.idc,
+            location: child_net.location,
+            warm_holders: self.warm_holders(task, &sampled),
+        };
+        let candidates: Vec<Candidate> = sampled
+            .iter()
+            .filter_map(|id| self.peers.get(id))
+            .map(|p| {
+                // The child's own in-edges are about to be replaced: do not count them.
+                let mut c = self.candidate(p, child, missing, limits);
+                if child.parents.contains(&p.id) {
+                    c.stats.children = c.stats.children.saturating_sub(1);
+                }
+                c
+            })
+            .collect();
+        let blocklist = child.blocklist.clone();
+        let child_host_id = child.host_id.clone();
+        let ranked = scheduling::rank(
+            &Child {
+                peer_id: child_id,
+                host_id: &child_host_id,
+                blocklist: &blocklist,
+                stats,
+            },
+            candidates,
+        );
+
+        let previous: Vec<String> = self.peers[child_id].parents.iter().cloned().collect();
+        self.clear_parents(child_id);
+        let mut chosen = Vec::new();
+        let mut revised = Vec::new();
+        let max_reversals = (limits.candidate_parents / 2).max(1);
+        for (candidate, _) in ranked {
+            if chosen.len() >= limits.candidate_parents {
+                break;
+            }
+            let id = candidate.peer_id;
+            if self.reaches(child_id, &id) {
+                if !allow_reversal || revised.len() >= max_reversals {
+                    continue;
+                }
+                // Only a direct edge child→id may flip, only towards the richer side, and
+                // only for a peer that accepts a new parent set at any time.
+                let (Some(me), Some(other)) = (self.peers.get(child_id), self.peers.get(&id))
+                else {
+                    continue;
+                };
+                let gives = other.pieces.count_missing_from(&me.pieces);
+                let takes = me.pieces.count_missing_from(&other.pieces);
+                if !other.refreshes || !other.parents.contains(child_id) || gives <= takes {
+                    continue;
+                }
+                self.remove_edge(child_id, &id);
+                if self.reaches(child_id, &id) {
+                    // Another path remains: undo.
+                    self.add_edge(child_id, &id);
+                    continue;
+                }
+                revised.push(id.clone());
+            }
+            self.add_edge(&id, child_id);
+            chosen.push(id);
+        }
+        if chosen.is_empty() {
+            // Nothing better: keep the parents it had (the child still uses them).
+            for id in previous {
+                if self.peers.contains_key(&id) && !self.reaches(child_id, &id) {
+                    self.add_edge(&id, child_id);
+                }
+            }
+        }
+        Ok(Scheduled {
+            parents: chosen,
+            revised,
+        })
+    }
+
+    /// Whether some peer of the task can give pieces now or soon (seed triggering and
+    /// back-to-source decisions hinge on it).
+    pub fn has_available_peer(&self, task_id: &str, except_host: &str) -> bool {
+        let Some(task) = self.tasks.get(task_id) else {
+            return false;
+        };
+        task.peer_ids()
+            .iter()
+            .filter_map(|id| self.peers.get(id))
+            .any(|p| {
+                p.host_id != except_host
+                    && !p.corrupt
+                    && (matches!(p.state, PeerState::Succeeded | PeerState::BackToSource)
+                        || (p.state == PeerState::Running && !p.pieces.is_empty()))
+            })
+    }
+
+    /// Peers of the task downloading from the origin now.
+    pub fn back_to_source_count(&self, task_id: &str) -> usize {
+        self.tasks
+            .get(task_id)
+            .map(|t| {
+                t.peer_ids()
+                    .iter()
+                    .filter_map(|id| self.peers.get(id))
+                    .filter(|p| p.state == PeerState::BackToSource)
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Checks the invariants listed in the module docs; returns the first violation.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        for (id, peer) in &self.peers {
+            let task = self
+                .tasks
+                .get(&peer.task_id)
+                .ok_or(format!("peer {id}: no task"))?;
+            if !task.peer_index.contains_key(id) {
+                return Err(format!("peer {id}: missing from its task"));
+            }
+            let host = self
+                .hosts
+                .get(&peer.host_id)
+                .ok_or(format!("peer {id}: no host"))?;
+            if !host.peers.contains(id) {
+                return Err(format!("peer {id}: missing from its host"));
+            }
+            for parent in &peer.parents {
+                let p = self
+                    .peers
+                    .get(parent)
+                    .ok_or(format!("peer {id}: dangling parent"))?;
+                if !p.children.contains(id) {
+                    return Err(format!("edge {parent}->{id} not mirrored"));
+                }
+                if p.task_id != peer.task_id {
+                    return Err(format!("edge {parent}->{id} crosses tasks"));
+                }
+                if p.host_id == peer.host_id {
+                    return Err(format!("edge {parent}->{id} within one host"));
+                }
+            }
+            for child in &peer.children {
+                let c = self
+                    .peers
+                    .get(child)
+                    .ok_or(format!("peer {id}: dangling child"))?;
+                if !c.parents.contains(id) {
+                    return Err(format!("edge {id}->{child} not mirrored"));
+                }
+                if self.reaches(child, id) {
+                    return Err(format!("cycle through {id} and {child}"));
+                }
+            }
+        }
+        for (id, task) in &self.tasks {
+            if task.peer_list.len() != task.peer_index.len() {
+                return Err(format!("task {id}: peer index out of sync"));
+            }
+            for p in &task.peer_list {
+                if !self.peers.contains_key(p) {
+                    return Err(format!("task {id}: dangling peer {p}"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn host(id: &str, seed: bool) -> common::Host {
+        common::Host {
+            id: id.into(),
+            r#type: seed as u32,
+            ip: "127.0.0.1".into(),
+            ..Default::default()
+        }
+    }
+
+    fn download(pieces: u64) -> common::Download {
+        common::Download {
+            url: "http://o/f".into(),
+            actual_content_length: Some(pieces * 4),
+            actual_piece_length: Some(4),
+            ..Default::default()
+        }
+    }
+
+    fn limits() -> Limits {
+        Limits {
+            candidate_parents: 4,
+            filter_parents: 40,
+            max_children: 8,
+        }
+    }
+
+    /// A task "t" with a seed holding everything and `n` normal peers with no pieces.
+    fn swarm(n: usize, pieces: u32) -> Resources {
+        let mut r = Resources::default();
+        r.announce_host(host("seed-host", true));
+        r.register_peer("seed-host", "t", "seed", &download(pieces as u64))
+            .unwrap();
+        let seed = r.peer_mut("seed").unwrap();
+        seed.state = PeerState::Succeeded;
+        for i in 0..pieces {
+            seed.pieces.insert(i);
+        }
+        for i in 0..n {
+            r.announce_host(host(&format!("h{i}"), false));
+            r.register_peer(
+                &format!("h{i}"),
+                "t",
+                &format!("p{i}"),
+                &download(pieces as u64),
+            )
+            .unwrap();
+            r.peer_mut(&format!("p{i}")).unwrap().state = PeerState::Running;
+        }
+        r
+    }
+
+    #[test]
+    fn piece_set_counts() {
+        let mut a = PieceSet::default();
+        let mut b = PieceSet::default();
+        for n in [0, 5, 64, 130] {
+            assert!(a.insert(n));
+        }
+        assert!(!a.insert(5));
+        b.insert(5);
+        b.insert(200);
+        assert_eq!(a.len(), 4);
+        assert!(a.contains(130) && !a.contains(131) && !a.contains(100_000));
+        assert_eq!(a.count_missing_from(&b), 3);
+        assert_eq!(b.count_missing_from(&a), 1);
+    }
+
+    #[test]
+    fn unknown_host_cannot_register() {
+        let mut r = Resources::default();
+        assert_eq!(
+            r.register_peer("nope", "t", "p", &download(1)),
+            Err(ResourceError::UnknownHost("nope".into()))
+        );
+    }
+
+    #[test]
+    fn cold_swarm_gets_the_seed_and_never_a_peer_with_nothing() {
+        let mut r = swarm(3, 8);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let s = r.schedule("p0", &limits(), true, &mut rng).unwrap();
+        assert_eq!(s.parents, ["seed"]);
+        r.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn peers_holding_missing_pieces_become_parents_and_the_graph_stays_acyclic() {
+        let mut r = swarm(6, 16);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for round in 0..20 {
+            for i in 0..6 {
+                let id = format!("p{i}");
+                // Each peer gains some distinct pieces between schedules.
+                let piece = ((round * 6 + i) % 16) as u32;
+                let p = r.peer_mut(&id).unwrap();
+                p.pieces.insert(piece);
+                p.refreshes = true;
+                let s = r.schedule(&id, &limits(), true, &mut rng).unwrap();
+                assert!(!s.parents.is_empty());
+                assert!(s.parents.len() <= 4);
+                r.check_invariants().unwrap();
+            }
+        }
+        // Someone other than the seed is a parent by now.
+        assert!(r
+            .peers
+            .values()
+            .any(|p| p.parents.iter().any(|x| x != "seed")));
+    }
+
+    #[test]
+    fn reversal_lets_the_topmost_peer_take_from_its_child() {
+        let mut r = swarm(2, 8);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        // p0 holds 0..2 and p1 (its child) holds 2..8: p1 should flip to be p0's parent.
+        for n in 0..2 {
+            r.peer_mut("p0").unwrap().pieces.insert(n);
+        }
+        r.add_edge("seed", "p0");
+        r.add_edge("p0", "p1");
+        for n in 2..8 {
+            r.peer_mut("p1").unwrap().pieces.insert(n);
+        }
+        r.peer_mut("p1").unwrap().refreshes = true;
+        let s = r.schedule("p0", &limits(), true, &mut rng).unwrap();
+        assert!(s.parents.contains(&"p1".to_string()), "{s:?}");
+        assert_eq!(s.revised, ["p1"]);
+        assert!(!r.peers["p1"].parents.contains("p0"));
+        r.check_invariants().unwrap();
+        // Without reversal the cycle is simply avoided.
+        let mut r2 = swarm(2, 8);
+        r2.add_edge("p0", "p1");
+        r2.peer_mut("p1").unwrap().pieces.insert(3);
+        r2.peer_mut("p1").unwrap().refreshes = true;
+        let s = r2.schedule("p0", &limits(), false, &mut rng).unwrap();
+        assert_eq!(s.parents, ["seed"]);
+    }
+
+    #[test]
+    fn children_cap_spreads_load() {
+        let mut r = swarm(12, 8);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        // p0 holds everything and is a normal peer: at most max_children may take it.
+        let p0 = r.peer_mut("p0").unwrap();
+        p0.state = PeerState::Succeeded;
+        for n in 0..8 {
+            p0.pieces.insert(n);
+        }
+        let limits = Limits {
+            max_children: 3,
+            ..limits()
+        };
+        for i in 1..12 {
+            r.schedule(&format!("p{i}"), &limits, false, &mut rng)
+                .unwrap();
+        }
+        assert!(r.peers["p0"].children.len() <= 3);
+        r.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn corrupt_and_blocklisted_parents_are_skipped() {
+        let mut r = swarm(3, 8);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        r.peer_mut("seed").unwrap().corrupt = true;
+        let p1 = r.peer_mut("p1").unwrap();
+        p1.state = PeerState::Succeeded;
+        for n in 0..8 {
+            p1.pieces.insert(n);
+        }
+        r.peer_mut("p0").unwrap().blocklist.insert("p1".into());
+        let s = r.schedule("p0", &limits(), false, &mut rng).unwrap();
+        assert!(s.parents.is_empty(), "{s:?}");
+        let s = r.schedule("p2", &limits(), false, &mut rng).unwrap();
+        assert_eq!(s.parents, ["p1"]);
+    }
+
+    #[test]
+    fn removing_peers_hosts_and_tasks_keeps_everything_consistent() {
+        let mut r = swarm(5, 8);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for i in 0..5 {
+            let id = format!("p{i}");
+            r.peer_mut(&id).unwrap().pieces.insert(i);
+            r.schedule(&id, &limits(), false, &mut rng).unwrap();
+        }
+        let orphans = r.remove_peer("p0");
+        for o in &orphans {
+            assert!(!r.peers[o].parents.contains("p0"));
+        }
+        r.check_invariants().unwrap();
+        assert!(r.remove_host("h1"));
+        r.check_invariants().unwrap();
+        assert!(!r.peers.contains_key("p1"));
+        assert!(r.remove_task("t"));
+        assert!(r.peers.is_empty());
+        r.check_invariants().unwrap();
+    }
+}

@@ -1,0 +1,251 @@
+//! Candidate filtering and ranking: which peers may be a child's parents, best first.
+//! Pure: it sees plain snapshots built by [`crate::resource`], which then walks the ranking
+//! and adds edges that keep the task's parent graph acyclic.
+
+use crate::evaluator::{self, ChildStats, ParentStats};
+use std::collections::HashSet;
+
+/// A peer's lifecycle, named as upstream names it on the wire (`Peer.state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PeerState {
+    /// Registered, not yet started.
+    Received,
+    /// Downloading from parents.
+    Running,
+    /// Downloading from the origin.
+    BackToSource,
+    Succeeded,
+    Failed,
+    /// Its stream ended before it finished.
+    Leave,
+}
+
+impl PeerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerState::Received => "ReceivedNormal",
+            PeerState::Running => "Running",
+            PeerState::BackToSource => "BackToSource",
+            PeerState::Succeeded => "Succeeded",
+            PeerState::Failed => "Failed",
+            PeerState::Leave => "Leave",
+        }
+    }
+
+    /// Still downloading (it will want parents and will gain pieces).
+    pub fn is_downloading(self) -> bool {
+        matches!(self, PeerState::Running | PeerState::BackToSource)
+    }
+}
+
+/// One candidate parent as the filter sees it.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub peer_id: String,
+    pub host_id: String,
+    pub state: PeerState,
+    pub disable_shared: bool,
+    /// Number of parents it has now.
+    pub in_degree: u32,
+    pub finished_pieces: u32,
+    /// Reported by a child as serving corrupt data, or its piece costs are outliers.
+    pub bad: bool,
+    pub stats: ParentStats,
+}
+
+/// The child being scheduled.
+#[derive(Debug, Clone)]
+pub struct Child<'a> {
+    pub peer_id: &'a str,
+    pub host_id: &'a str,
+    pub blocklist: &'a HashSet<String>,
+    pub stats: ChildStats,
+}
+
+/// Why a candidate cannot be a parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    Itself,
+    SameHost,
+    Blocklisted,
+    DisableShared,
+    /// Failed, left, or registered without starting.
+    NotActive,
+    /// No pieces, no parents, not at the origin: nothing to give now or soon.
+    NothingToGive,
+    Bad,
+    /// At its children cap.
+    Full,
+}
+
+/// Whether `candidate` may be a parent of `child` (the cycle check is separate).
+pub fn filter(child: &Child<'_>, candidate: &Candidate) -> Result<(), Rejection> {
+    if candidate.peer_id == child.peer_id {
+        return Err(Rejection::Itself);
+    }
+    if candidate.host_id == child.host_id {
+        return Err(Rejection::SameHost);
+    }
+    if child.blocklist.contains(&candidate.peer_id) {
+        return Err(Rejection::Blocklisted);
+    }
+    if candidate.disable_shared {
+        return Err(Rejection::DisableShared);
+    }
+    match candidate.state {
+        PeerState::Succeeded | PeerState::BackToSource => {}
+        PeerState::Running => {
+            if candidate.finished_pieces == 0 && candidate.in_degree == 0 {
+                return Err(Rejection::NothingToGive);
+            }
+        }
+        PeerState::Received | PeerState::Failed | PeerState::Leave => {
+            return Err(Rejection::NotActive)
+        }
+    }
+    if candidate.state != PeerState::BackToSource
+        && candidate.state != PeerState::Succeeded
+        && candidate.stats.useful_pieces == 0
+        && candidate.in_degree == 0
+    {
+        return Err(Rejection::NothingToGive);
+    }
+    if candidate.bad {
+        return Err(Rejection::Bad);
+    }
+    if !candidate.stats.is_seed && candidate.stats.children >= candidate.stats.max_children {
+        return Err(Rejection::Full);
+    }
+    Ok(())
+}
+
+/// The candidates that pass [`filter`], best first, with their scores. Ties keep the input
+/// order, which the caller randomises, so equal parents share the load.
+pub fn rank(child: &Child<'_>, candidates: Vec<Candidate>) -> Vec<(Candidate, f64)> {
+    let mut ranked: Vec<(Candidate, f64)> = candidates
+        .into_iter()
+        .filter(|c| filter(child, c).is_ok())
+        .map(|c| {
+            let s = evaluator::score(&c.stats, &child.stats);
+            (c, s)
+        })
+        .collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+    ranked
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(id: &str, host: &str, state: PeerState) -> Candidate {
+        Candidate {
+            peer_id: id.into(),
+            host_id: host.into(),
+            state,
+            disable_shared: false,
+            in_degree: 1,
+            finished_pieces: 3,
+            bad: false,
+            stats: ParentStats {
+                active: true,
+                useful_pieces: 3,
+                child_missing: 10,
+                max_children: 4,
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn filter_table() {
+        let blocked: HashSet<String> = ["blocked".to_string()].into();
+        let child = Child {
+            peer_id: "me",
+            host_id: "my-host",
+            blocklist: &blocked,
+            stats: ChildStats::default(),
+        };
+        let mut empty_running = cand("p", "h", PeerState::Running);
+        empty_running.finished_pieces = 0;
+        empty_running.in_degree = 0;
+        empty_running.stats.useful_pieces = 0;
+        let mut stale = cand("p", "h", PeerState::Running);
+        stale.stats.useful_pieces = 0;
+        stale.in_degree = 0;
+        let mut waiting_with_parent = cand("p", "h", PeerState::Running);
+        waiting_with_parent.finished_pieces = 0;
+        waiting_with_parent.stats.useful_pieces = 0;
+        let mut bad = cand("p", "h", PeerState::Succeeded);
+        bad.bad = true;
+        let mut full = cand("p", "h", PeerState::Running);
+        full.stats.children = 4;
+        let mut full_seed = full.clone();
+        full_seed.stats.is_seed = true;
+        let mut leech = cand("p", "h", PeerState::Succeeded);
+        leech.disable_shared = true;
+        let mut origin_fetcher = cand("p", "h", PeerState::BackToSource);
+        origin_fetcher.finished_pieces = 0;
+        origin_fetcher.in_degree = 0;
+        origin_fetcher.stats.useful_pieces = 0;
+        for (candidate, want) in [
+            (
+                cand("me", "other", PeerState::Running),
+                Err(Rejection::Itself),
+            ),
+            (
+                cand("p", "my-host", PeerState::Running),
+                Err(Rejection::SameHost),
+            ),
+            (
+                cand("blocked", "h", PeerState::Running),
+                Err(Rejection::Blocklisted),
+            ),
+            (leech, Err(Rejection::DisableShared)),
+            (
+                cand("p", "h", PeerState::Received),
+                Err(Rejection::NotActive),
+            ),
+            (cand("p", "h", PeerState::Failed), Err(Rejection::NotActive)),
+            (cand("p", "h", PeerState::Leave), Err(Rejection::NotActive)),
+            (empty_running, Err(Rejection::NothingToGive)),
+            (stale, Err(Rejection::NothingToGive)),
+            (waiting_with_parent, Ok(())),
+            (origin_fetcher, Ok(())),
+            (bad, Err(Rejection::Bad)),
+            (full, Err(Rejection::Full)),
+            (full_seed, Ok(())),
+            (cand("p", "h", PeerState::Running), Ok(())),
+            (cand("p", "h", PeerState::Succeeded), Ok(())),
+        ] {
+            assert_eq!(filter(&child, &candidate), want, "{candidate:?}");
+        }
+    }
+
+    #[test]
+    fn rank_orders_by_score_and_drops_rejected() {
+        let none = HashSet::new();
+        let child = Child {
+            peer_id: "me",
+            host_id: "my-host",
+            blocklist: &none,
+            stats: ChildStats {
+                warm_holders: 3,
+                ..Default::default()
+            },
+        };
+        let mut rich = cand("rich", "h1", PeerState::Running);
+        rich.stats.useful_pieces = 9;
+        let poor = cand("poor", "h2", PeerState::Running);
+        let mut busy = cand("busy", "h3", PeerState::Running);
+        busy.stats.useful_pieces = 9;
+        busy.stats.children = 3;
+        busy.stats.max_tx_bps = 100;
+        busy.stats.tx_bps = 90;
+        let same_host = cand("twin", "my-host", PeerState::Succeeded);
+        let ranked = rank(&child, vec![poor, same_host, busy, rich]);
+        let ids: Vec<&str> = ranked.iter().map(|(c, _)| c.peer_id.as_str()).collect();
+        // A saturated parent ranks below an idle one holding less.
+        assert_eq!(ids, ["rich", "poor", "busy"]);
+    }
+}
