@@ -36,6 +36,10 @@ pub enum TaskError {
     PieceTimeout { number: u32, seconds: u64 },
     #[error("download was cancelled")]
     Cancelled,
+    #[error("no scheduler reachable ({0}) and the origin cannot be used; check the schedulers in dynconfig or allow back-to-source")]
+    SchedulerUnavailable(String),
+    #[error("the scheduler refused the download: {0}")]
+    Scheduler(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -63,6 +67,8 @@ impl TaskError {
             TaskError::OutputExists(_) => Code::AlreadyExists,
             TaskError::PieceTimeout { .. } => Code::DeadlineExceeded,
             TaskError::Cancelled => Code::Cancelled,
+            TaskError::SchedulerUnavailable(_) => Code::Unavailable,
+            TaskError::Scheduler(_) => Code::FailedPrecondition,
         }
     }
 

@@ -116,3 +116,29 @@ impl Traffic {
         }
     }
 }
+
+/// This host as `common.v2.Host`, with live rates (bits per second), as AnnounceHost and
+/// SyncHost report it.
+pub fn host_proto(h: &HostInfo, traffic: &Traffic) -> dragonfly_api::common::v2::Host {
+    use dragonfly_api::common::v2::{Host, Network};
+    Host {
+        id: h.host_id.clone(),
+        r#type: h.host_type,
+        hostname: h.hostname.clone(),
+        ip: h.ip.to_string(),
+        port: h.upload_port as i32,
+        download_port: h.piece_port as i32,
+        os: std::env::consts::OS.to_string(),
+        network: Some(Network {
+            location: h.location.clone(),
+            idc: h.idc.clone(),
+            max_tx_bandwidth: h.max_tx_bps,
+            tx_bandwidth: Some(traffic.tx_rate().saturating_mul(8)),
+            max_rx_bandwidth: h.max_rx_bps,
+            rx_bandwidth: Some(traffic.rx_rate().saturating_mul(8)),
+            ..Default::default()
+        }),
+        disable_shared: h.disable_shared,
+        ..Default::default()
+    }
+}

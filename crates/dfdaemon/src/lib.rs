@@ -12,6 +12,7 @@ pub mod http;
 pub mod metrics;
 pub mod piece_server;
 pub mod ratelimit;
+pub mod scheduler;
 pub mod task;
 
 use d7y_backend::{HttpBackend, RetryPolicy};
@@ -83,9 +84,19 @@ fn bind_unix(path: &Path) -> Result<UnixListener, DaemonError> {
     UnixListener::bind(path).map_err(err)
 }
 
-/// Starts every server and runs until `shutdown` resolves.
+/// Starts every server and runs standalone (no scheduler) until `shutdown` resolves.
 pub async fn run(
     config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    run_with(config, Vec::new(), shutdown).await
+}
+
+/// Starts every server and runs until `shutdown` resolves. With `scheduler_addrs`
+/// (`host:port` each), downloads go through the swarm; without, straight to the origin.
+pub async fn run_with(
+    config: Config,
+    scheduler_addrs: Vec<String>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), DaemonError> {
     let config = Arc::new(config);
@@ -125,11 +136,20 @@ pub async fn run(
     let piece_port = pieces.local_addr().map(|a| a.port()).unwrap_or_default();
 
     let host = Arc::new(host::HostInfo::new(&config, upload_port, piece_port));
+    let schedulers = (!scheduler_addrs.is_empty()).then(|| {
+        Arc::new(scheduler::Schedulers::new(
+            scheduler_addrs.clone(),
+            host.clone(),
+            traffic.clone(),
+        ))
+    });
     let manager = Arc::new(task::TaskManager::new(
         config.clone(),
         storage.clone(),
         backend,
         metrics.clone(),
+        host.clone(),
+        schedulers.clone(),
     ));
 
     let upload_limit = if config.is_seed_peer() && config.upload.concurrent_upload_limit == 200 {
@@ -156,6 +176,7 @@ pub async fn run(
         upload_port,
         piece_port,
         storage = %config.storage.dir.display(),
+        schedulers = ?scheduler_addrs,
         "dfdaemon started"
     );
 
@@ -167,6 +188,7 @@ pub async fn run(
         manager: manager.clone(),
         host: host.clone(),
         traffic: traffic.clone(),
+        super_seed: Arc::default(),
     });
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -218,6 +240,13 @@ pub async fn run(
         traffic.sample(Duration::from_secs(1)).await;
         Ok(())
     });
+    if let Some(schedulers) = schedulers {
+        let interval = config.scheduler.announce_interval;
+        tasks.spawn(async move {
+            schedulers.announce_loop(interval).await;
+            Ok(())
+        });
+    }
     let gc_policy = config.gc.policy.clone();
     let gc_storage = storage.clone();
     let gc_metrics = metrics.clone();

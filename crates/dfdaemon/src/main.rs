@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use d7y_config::dfdaemon::{Config, DEFAULT_CONFIG_PATH};
+use d7y_config::dynconfig::{Dynconfig, DEFAULT_DYNCONFIG_PATH};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -15,6 +16,11 @@ struct Args {
     /// Path of the YAML config file.
     #[arg(short = 'c', long, default_value = DEFAULT_CONFIG_PATH, env = "DFDAEMON_CONFIG")]
     config: PathBuf,
+
+    /// Path of the dynconfig file listing the schedulers (`scheduler.addrs`); without it
+    /// (or when the default path does not exist) dfdaemon runs standalone.
+    #[arg(long, default_value = DEFAULT_DYNCONFIG_PATH, env = "DFDAEMON_DYNCONFIG")]
+    dynconfig: PathBuf,
 
     /// Log level: trace, debug, info, warn, error.
     #[arg(short = 'l', long, default_value = "info", env = "DFDAEMON_LOG_LEVEL")]
@@ -71,6 +77,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let schedulers =
+        if args.dynconfig.as_os_str() == DEFAULT_DYNCONFIG_PATH && !args.dynconfig.exists() {
+            Vec::new()
+        } else {
+            match Dynconfig::load(&args.dynconfig) {
+                Ok(d) => d.scheduler_addrs(),
+                Err(err) => {
+                    eprintln!("dfdaemon: {err}");
+                    return ExitCode::from(2);
+                }
+            }
+        };
     if let Err(err) = init_logging(&args) {
         eprintln!("dfdaemon: {err}");
         return ExitCode::from(2);
@@ -85,7 +103,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(d7y_dfdaemon::run(config, shutdown_signal())) {
+    match runtime.block_on(d7y_dfdaemon::run_with(
+        config,
+        schedulers,
+        shutdown_signal(),
+    )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("dfdaemon: {err}");

@@ -21,6 +21,7 @@ pub struct Metrics {
     pub upload_piece_failure_total: IntCounterVec,
     pub concurrent_upload_piece_total: IntGauge,
     pub download_piece_total: IntCounterVec,
+    pub download_piece_failure_total: IntCounterVec,
     pub download_piece_duration_milliseconds: HistogramVec,
     pub backend_request_total: IntCounterVec,
     pub backend_request_failure_total: IntCounterVec,
@@ -116,6 +117,13 @@ impl Metrics {
                 "concurrent_upload_piece_total",
                 "Gauge of the number of concurrent of the upload piece."
             ))),
+            download_piece_failure_total: reg!(IntCounterVec::new(
+                opts(
+                    "download_piece_failure_total",
+                    "Counter of the number of failed pieces, by where they were fetched from."
+                ),
+                &["type"]
+            )),
             download_piece_total: reg!(IntCounterVec::new(
                 opts(
                     "download_piece_total",

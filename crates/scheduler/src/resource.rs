@@ -237,6 +237,9 @@ impl Peer {
     }
 }
 
+/// Score bonus of a child's current parents when it is scheduled again.
+pub const STICKY_BONUS: f64 = 0.1;
+
 /// Scheduling limits, from the config.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -454,6 +457,32 @@ impl Resources {
         false
     }
 
+    /// The child of `from` through which `from` reaches `to`, if it does.
+    pub fn first_hop(&self, from: &str, to: &str) -> Option<String> {
+        let start = self.peers.get(from)?;
+        let mut seen: HashSet<&str> = HashSet::new();
+        for hop in &start.children {
+            if hop == to {
+                return Some(hop.clone());
+            }
+            let mut stack: Vec<&str> = vec![hop];
+            while let Some(id) = stack.pop() {
+                if !seen.insert(id) {
+                    continue;
+                }
+                if let Some(p) = self.peers.get(id) {
+                    for c in &p.children {
+                        if c == to {
+                            return Some(hop.clone());
+                        }
+                        stack.push(c);
+                    }
+                }
+            }
+        }
+        None
+    }
+
     /// Normal peers of a task that hold at least one piece (a warm swarm has two or more).
     fn warm_holders(&self, task: &Task, sampled: &[String]) -> u32 {
         let _ = task;
@@ -552,7 +581,8 @@ impl Resources {
             .collect();
         let blocklist = child.blocklist.clone();
         let child_host_id = child.host_id.clone();
-        let ranked = scheduling::rank(
+        let current = child.parents.clone();
+        let mut ranked = scheduling::rank(
             &Child {
                 peer_id: child_id,
                 host_id: &child_host_id,
@@ -561,12 +591,20 @@ impl Resources {
             },
             candidates,
         );
+        // Keep current parents unless clearly beaten: a new parent costs the child new
+        // connections and a fresh piece sync.
+        for (c, score) in ranked.iter_mut() {
+            if current.contains(&c.peer_id) {
+                *score += STICKY_BONUS;
+            }
+        }
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
 
         let previous: Vec<String> = self.peers[child_id].parents.iter().cloned().collect();
         self.clear_parents(child_id);
         let mut chosen = Vec::new();
         let mut revised = Vec::new();
-        let max_reversals = (limits.candidate_parents / 2).max(1);
+        let max_reversals = limits.candidate_parents;
         for (candidate, _) in ranked {
             if chosen.len() >= limits.candidate_parents {
                 break;
@@ -576,24 +614,39 @@ impl Resources {
                 if !allow_reversal || revised.len() >= max_reversals {
                     continue;
                 }
-                // Only a direct edge child→id may flip, only towards the richer side, and
-                // only for a peer that accepts a new parent set at any time.
+                // Break every path child→…→id by cutting child's out-edge on it, so id
+                // can feed child. Only towards the richer side, and only when each cut
+                // child accepts a new parent set at any time (it is sent one).
                 let (Some(me), Some(other)) = (self.peers.get(child_id), self.peers.get(&id))
                 else {
                     continue;
                 };
                 let gives = other.pieces.count_missing_from(&me.pieces);
                 let takes = me.pieces.count_missing_from(&other.pieces);
-                if !other.refreshes || !other.parents.contains(child_id) || gives <= takes {
+                if gives == 0 || gives < takes {
                     continue;
                 }
-                self.remove_edge(child_id, &id);
+                let mut cut = Vec::new();
+                while let Some(hop) = self.first_hop(child_id, &id) {
+                    if cut.len() >= 3 || !self.peers.get(&hop).is_some_and(|p| p.refreshes) {
+                        break;
+                    }
+                    self.remove_edge(child_id, &hop);
+                    cut.push(hop);
+                }
                 if self.reaches(child_id, &id) {
-                    // Another path remains: undo.
-                    self.add_edge(child_id, &id);
+                    // A path could not be cut: restore and skip this candidate.
+                    for hop in cut {
+                        self.add_edge(child_id, &hop);
+                    }
                     continue;
                 }
-                revised.push(id.clone());
+                tracing::debug!(child = child_id, parent = id, gives, takes, cut = ?cut, "reversing");
+                for hop in cut {
+                    if !revised.contains(&hop) {
+                        revised.push(hop);
+                    }
+                }
             }
             self.add_edge(&id, child_id);
             chosen.push(id);

@@ -34,9 +34,26 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// How to start a dfdaemon beyond the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct DaemonOptions {
+    /// `host.hostname`; defaults to `test`. Daemons of one swarm need distinct names (the
+    /// host ID is `<ip>-<hostname>`, and a parent is never on the child's own host).
+    pub hostname: Option<String>,
+    /// Lines (indented by two spaces) placed under the `download:` section.
+    pub download_yaml: String,
+    /// YAML appended verbatim.
+    pub extra_yaml: String,
+    /// Scheduler addresses written to a dynconfig file passed with `--dynconfig`.
+    pub schedulers: Vec<String>,
+    /// Run as a seed peer.
+    pub seed: bool,
+}
+
 /// A running dfdaemon; killed when dropped.
 pub struct Daemon {
     pub dir: PathBuf,
+    pub dynconfig: Option<PathBuf>,
     pub socket: PathBuf,
     pub config: PathBuf,
     pub piece_port: u16,
@@ -55,7 +72,38 @@ impl Daemon {
     /// Like [`Daemon::start`], with `download_yaml` (lines indented by two spaces) placed
     /// under the `download:` section.
     pub fn start_with(dir: &Path, download_yaml: &str, extra_yaml: &str) -> anyhow::Result<Daemon> {
+        Daemon::start_opts(
+            dir,
+            &DaemonOptions {
+                download_yaml: download_yaml.to_string(),
+                extra_yaml: extra_yaml.to_string(),
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Starts a daemon with every option.
+    pub fn start_opts(dir: &Path, options: &DaemonOptions) -> anyhow::Result<Daemon> {
+        let download_yaml = options.download_yaml.as_str();
+        let mut extra = options.extra_yaml.clone();
+        if options.seed {
+            extra.push_str("seedPeer:\n  enable: true\n  type: super\n");
+        }
+        let extra_yaml = extra.as_str();
+        let hostname = options.hostname.as_deref().unwrap_or("test");
         std::fs::create_dir_all(dir)?;
+        let dynconfig = if options.schedulers.is_empty() {
+            None
+        } else {
+            let path = dir.join("dynconfig.yaml");
+            let addrs: Vec<String> = options
+                .schedulers
+                .iter()
+                .map(|a| format!("    - {a}\n"))
+                .collect();
+            std::fs::write(&path, format!("scheduler:\n  addrs:\n{}", addrs.concat()))?;
+            Some(path)
+        };
         let socket = dir.join("dfdaemon.sock");
         let (piece_port, upload_port, metrics_port, health_port) =
             (free_port(), free_port(), free_port(), free_port());
@@ -63,7 +111,7 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "host:\n  ip: 127.0.0.1\n  hostname: test\n\
+                "host:\n  ip: 127.0.0.1\n  hostname: {hostname}\n\
                  download:\n  server:\n    socketPath: {socket}\n{download_yaml}\
                  upload:\n  server:\n    ip: 127.0.0.1\n    port: {upload_port}\n\
                  storage:\n  dir: {data}\n  server:\n    ip: 127.0.0.1\n    tcpPort: {piece_port}\n\
@@ -75,6 +123,7 @@ impl Daemon {
         )?;
         let mut daemon = Daemon {
             dir: dir.to_path_buf(),
+            dynconfig,
             socket,
             config,
             piece_port,
@@ -93,7 +142,11 @@ impl Daemon {
             .create(true)
             .append(true)
             .open(self.dir.join("dfdaemon.log"))?;
-        let child = Command::new(bin_path("dfdaemon"))
+        let mut command = Command::new(bin_path("dfdaemon"));
+        if let Some(dynconfig) = &self.dynconfig {
+            command.arg("--dynconfig").arg(dynconfig);
+        }
+        let child = command
             .arg("--config")
             .arg(&self.config)
             .arg("--log-level")
@@ -167,6 +220,118 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A running scheduler; killed when dropped.
+pub struct Scheduler {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub port: u16,
+    pub metrics_port: u16,
+    child: Option<Child>,
+}
+
+impl Scheduler {
+    /// Starts a scheduler whose seed peers are the upload ports given.
+    pub fn start(
+        dir: &Path,
+        seed_upload_ports: &[u16],
+        extra_yaml: &str,
+    ) -> anyhow::Result<Scheduler> {
+        Scheduler::start_at(dir, free_port(), seed_upload_ports, extra_yaml)
+    }
+
+    /// Like [`Scheduler::start`], on a chosen port.
+    pub fn start_at(
+        dir: &Path,
+        port: u16,
+        seed_upload_ports: &[u16],
+        extra_yaml: &str,
+    ) -> anyhow::Result<Scheduler> {
+        std::fs::create_dir_all(dir)?;
+        let metrics_port = free_port();
+        let seeds: String = seed_upload_ports
+            .iter()
+            .map(|p| format!("  - ip: 127.0.0.1\n    port: {p}\n"))
+            .collect();
+        let config = dir.join("scheduler.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "server:\n  listenIP: 127.0.0.1\n  port: {port}\n\
+                 metrics:\n  addr: 127.0.0.1:{metrics_port}\n\
+                 seedPeers:\n{seeds}{extra_yaml}",
+                seeds = if seeds.is_empty() {
+                    "  []\n".to_string()
+                } else {
+                    seeds
+                },
+            ),
+        )?;
+        let mut s = Scheduler {
+            dir: dir.to_path_buf(),
+            config,
+            port,
+            metrics_port,
+            child: None,
+        };
+        s.restart()?;
+        Ok(s)
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// (Re)starts the process and waits until its port answers.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("scheduler.log"))?;
+        let child = Command::new(bin_path("scheduler"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--log-level")
+            .arg("debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawn scheduler")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait()? {
+                bail!("scheduler exited with {status}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("scheduler did not become ready; log:\n{}", self.log())
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("scheduler.log")).unwrap_or_default()
+    }
+
+    pub fn metrics(&self) -> String {
+        Daemon::http_get(self.metrics_port, "/metrics").unwrap_or_default()
+    }
+}
+
+impl Drop for Scheduler {
     fn drop(&mut self) {
         self.kill();
     }

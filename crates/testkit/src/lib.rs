@@ -5,7 +5,7 @@
 mod daemon;
 mod origin;
 
-pub use daemon::{bin_path, free_port, Daemon};
+pub use daemon::{bin_path, free_port, Daemon, DaemonOptions, Scheduler};
 pub use origin::{Origin, OriginOptions};
 
 /// Deterministic pseudo-random content of `len` bytes.

@@ -4,9 +4,7 @@ use super::download::{delete_impl, stat_local_impl, stat_task_impl};
 use super::{unimplemented, BoxStream};
 use crate::host::{HostInfo, Traffic};
 use crate::task::TaskManager;
-use dragonfly_api::common::v2::{
-    CacheTask, Host, Network, PersistentCacheTask, PersistentTask, Task,
-};
+use dragonfly_api::common::v2::{CacheTask, Host, PersistentCacheTask, PersistentTask, Task};
 use dragonfly_api::dfdaemon::v2::dfdaemon_upload_server::DfdaemonUpload;
 use dragonfly_api::dfdaemon::v2::*;
 use std::collections::HashSet;
@@ -23,30 +21,63 @@ pub struct UploadService {
     pub manager: Arc<TaskManager>,
     pub host: Arc<HostInfo>,
     pub traffic: Arc<Traffic>,
+    /// Children syncing each task (seed peers only): who hears of a new piece first.
+    pub super_seed: Arc<SuperSeed>,
 }
 
-impl UploadService {
-    fn host_message(&self) -> Host {
-        let h = &self.host;
-        Host {
-            id: h.host_id.clone(),
-            r#type: h.host_type,
-            hostname: h.hostname.clone(),
-            ip: h.ip.to_string(),
-            port: h.upload_port as i32,
-            download_port: h.piece_port as i32,
-            os: std::env::consts::OS.to_string(),
-            network: Some(Network {
-                location: h.location.clone(),
-                idc: h.idc.clone(),
-                max_tx_bandwidth: h.max_tx_bps,
-                tx_bandwidth: Some(self.traffic.tx_rate().saturating_mul(8)),
-                max_rx_bandwidth: h.max_rx_bps,
-                rx_bandwidth: Some(self.traffic.rx_rate().saturating_mul(8)),
-                ..Default::default()
-            }),
-            disable_shared: h.disable_shared,
-            ..Default::default()
+/// How long a seed peer keeps a fresh piece to the one child it designated, before offering
+/// it to every child. Meanwhile the other children take it from that child: the seed's upload
+/// goes to distinct pieces (super-seeding) instead of the same piece N times.
+pub const SUPER_SEED_DELAY: Duration = Duration::from_millis(3000);
+
+/// The children syncing each task from this seed peer, in arrival order.
+#[derive(Default)]
+pub struct SuperSeed {
+    children: std::sync::Mutex<std::collections::HashMap<String, Vec<u64>>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl SuperSeed {
+    fn join(self: &Arc<Self>, task_id: &str) -> SuperSeedSlot {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.children
+            .lock()
+            .expect("super seed")
+            .entry(task_id.to_string())
+            .or_default()
+            .push(id);
+        SuperSeedSlot {
+            owner: self.clone(),
+            task_id: task_id.to_string(),
+            id,
+        }
+    }
+
+    /// Whether piece `number` goes to child `id` first: pieces are dealt round-robin.
+    fn designated(&self, task_id: &str, number: u32, id: u64) -> bool {
+        let children = self.children.lock().expect("super seed");
+        match children.get(task_id) {
+            Some(c) if !c.is_empty() => c[number as usize % c.len()] == id,
+            _ => true,
+        }
+    }
+}
+
+/// A child's place in [`SuperSeed`]; leaves when dropped.
+struct SuperSeedSlot {
+    owner: Arc<SuperSeed>,
+    task_id: String,
+    id: u64,
+}
+
+impl Drop for SuperSeedSlot {
+    fn drop(&mut self) {
+        let mut children = self.owner.children.lock().expect("super seed");
+        if let Some(c) = children.get_mut(&self.task_id) {
+            c.retain(|x| *x != self.id);
+            if c.is_empty() {
+                children.remove(&self.task_id);
+            }
         }
     }
 }
@@ -123,31 +154,61 @@ impl DfdaemonUpload for UploadService {
         let ip = self.host.ip.to_string();
         let port = self.host.piece_port as i32;
         let (tx, rx) = mpsc::channel(256);
+        let slot = (self.host.host_type != 0).then(|| self.super_seed.join(&task_id));
         tokio::spawn(async move {
+            let message = |piece: &d7y_storage::PieceMeta| SyncPiecesResponse {
+                number: piece.number,
+                offset: piece.offset,
+                length: piece.length,
+                ip: ip.clone(),
+                tcp_port: Some(port),
+                quic_port: None,
+            };
             let mut watch = run.subscribe();
             let mut sent = 0usize;
+            // Pieces held back for other children first, with when they are due.
+            let mut deferred: std::collections::VecDeque<(
+                tokio::time::Instant,
+                d7y_storage::PieceMeta,
+            )> = std::collections::VecDeque::new();
             loop {
                 let state = watch.borrow_and_update().clone();
+                let finished = state.outcome.is_some();
                 for piece in &state.pieces[sent..] {
                     if let Some(w) = &mut wanted {
                         if !w.remove(&piece.number) {
                             continue;
                         }
                     }
-                    let message = SyncPiecesResponse {
-                        number: piece.number,
-                        offset: piece.offset,
-                        length: piece.length,
-                        ip: ip.clone(),
-                        tcp_port: Some(port),
-                        quic_port: None,
+                    let first = match &slot {
+                        Some(slot) if !finished => {
+                            slot.owner.designated(&task_id, piece.number, slot.id)
+                        }
+                        _ => true,
                     };
-                    if tx.send(Ok(message)).await.is_err() {
+                    if !first {
+                        deferred.push_back((
+                            tokio::time::Instant::now() + SUPER_SEED_DELAY,
+                            piece.clone(),
+                        ));
+                        continue;
+                    }
+                    if tx.send(Ok(message(piece))).await.is_err() {
                         return;
                     }
                 }
                 sent = state.pieces.len();
-                if wanted.as_ref().is_some_and(HashSet::is_empty) {
+                let now = tokio::time::Instant::now();
+                while deferred
+                    .front()
+                    .is_some_and(|(due, _)| finished || *due <= now)
+                {
+                    let (_, piece) = deferred.pop_front().expect("non-empty");
+                    if tx.send(Ok(message(&piece))).await.is_err() {
+                        return;
+                    }
+                }
+                if wanted.as_ref().is_some_and(HashSet::is_empty) && deferred.is_empty() {
                     return;
                 }
                 match &state.outcome {
@@ -158,8 +219,15 @@ impl DfdaemonUpload for UploadService {
                     }
                     None => {}
                 }
-                if watch.changed().await.is_err() {
-                    return;
+                let next_due = deferred.front().map(|(due, _)| *due);
+                tokio::select! {
+                    changed = watch.changed() => if changed.is_err() { return },
+                    _ = async {
+                        match next_due {
+                            Some(due) => tokio::time::sleep_until(due).await,
+                            None => std::future::pending().await,
+                        }
+                    } => {}
                 }
             }
         });
@@ -291,16 +359,16 @@ impl DfdaemonUpload for UploadService {
         _request: Request<SyncHostRequest>,
     ) -> Result<Response<Self::SyncHostStream>, Status> {
         let (tx, rx) = mpsc::channel(4);
-        let this = UploadService {
-            manager: self.manager.clone(),
-            host: self.host.clone(),
-            traffic: self.traffic.clone(),
-        };
+        let (host, traffic) = (self.host.clone(), self.traffic.clone());
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(SYNC_HOST_INTERVAL);
             loop {
                 ticker.tick().await;
-                if tx.send(Ok(this.host_message())).await.is_err() {
+                if tx
+                    .send(Ok(crate::host::host_proto(&host, &traffic)))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }

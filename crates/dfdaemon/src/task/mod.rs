@@ -5,6 +5,7 @@
 //! that is finished in storage is answered from storage without any origin traffic.
 
 mod output;
+mod p2p;
 mod run;
 mod source;
 
@@ -12,8 +13,10 @@ pub use output::{check_output, place_output};
 pub use run::{RunState, TaskRun};
 
 use crate::error::TaskError;
+use crate::host::HostInfo;
 use crate::metrics::Metrics;
 use crate::ratelimit::Bandwidth;
+use crate::scheduler::Schedulers;
 use d7y_backend::HttpBackend;
 use d7y_config::dfdaemon::Config;
 use d7y_storage::{now_secs, Storage, TaskMeta};
@@ -44,6 +47,8 @@ pub struct DownloadPlan {
     pub application: String,
     pub priority: i32,
     pub need_piece_content: bool,
+    /// The request as received (what the scheduler and seed peers are told).
+    pub download: Download,
 }
 
 /// Owns every task run of this daemon.
@@ -54,6 +59,9 @@ pub struct TaskManager {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) download_bandwidth: Bandwidth,
     pub(crate) source_bandwidth: Bandwidth,
+    pub(crate) host: Arc<HostInfo>,
+    /// `None` runs standalone: every download goes back to source.
+    pub(crate) schedulers: Option<Arc<Schedulers>>,
     running: Mutex<HashMap<String, Arc<TaskRun>>>,
 }
 
@@ -63,6 +71,8 @@ impl TaskManager {
         storage: Storage,
         backend: HttpBackend,
         metrics: Arc<Metrics>,
+        host: Arc<HostInfo>,
+        schedulers: Option<Arc<Schedulers>>,
     ) -> TaskManager {
         TaskManager {
             download_bandwidth: Bandwidth::new(config.download.bandwidth_limit.as_u64()),
@@ -73,6 +83,8 @@ impl TaskManager {
             storage,
             backend,
             metrics,
+            host,
+            schedulers: schedulers.filter(|s| !s.is_empty()),
             running: Mutex::default(),
         }
     }
@@ -175,6 +187,7 @@ impl TaskManager {
             application: download.application.clone().unwrap_or_default(),
             priority: download.priority,
             need_piece_content: download.need_piece_content,
+            download: download.clone(),
         })
     }
 
@@ -241,7 +254,10 @@ impl TaskManager {
     async fn drive(self: Arc<Self>, run: Arc<TaskRun>, plan: DownloadPlan) {
         let _lease = self.storage.lease(&plan.task_id);
         let started = tokio::time::Instant::now();
-        let result = source::download(&self, &run, &plan).await;
+        let result = match &self.schedulers {
+            Some(schedulers) => p2p::download(&self, &run, &plan, schedulers).await,
+            None => source::download(&self, &run, &plan).await,
+        };
         {
             let mut running = self.running.lock().expect("running lock");
             if running

@@ -5,7 +5,7 @@
 use super::{DownloadPlan, TaskManager, TaskRun};
 use crate::error::TaskError;
 use bytes::{Bytes, BytesMut};
-use d7y_backend::{BackendError, SourceRequest};
+use d7y_backend::{BackendError, Probe, SourceRequest};
 use d7y_storage::{now_secs, ContentWriter, PieceMeta, TaskMeta};
 use d7y_types::piece::{piece_length_for, MIN_PIECE_LENGTH};
 use d7y_types::{Digest, PieceLayout};
@@ -26,33 +26,65 @@ pub(super) async fn download(
     if plan.disable_back_to_source {
         return Err(TaskError::BackToSourceDisabled);
     }
+    let probe = probe(mgr, plan).await?;
+    let mut prepared = prepare(
+        mgr,
+        run,
+        plan,
+        probe.stat.content_length,
+        probe.stat.headers.clone(),
+    )
+    .await?;
+    transfer(mgr, run, plan, &mut prepared, probe).await?;
+    mgr.mark_finished(prepared.meta).await
+}
+
+/// Asks the origin for the length and Range support (a one-byte ranged GET).
+pub(super) async fn probe(mgr: &TaskManager, plan: &DownloadPlan) -> Result<Probe, TaskError> {
     let request = SourceRequest {
         url: plan.url.clone(),
         headers: plan.headers.clone(),
     };
-    let piece_timeout = mgr.config.download.piece_timeout;
     let scheme = plan.url.scheme().to_string();
     mgr.metrics
         .backend_request_total
         .with_label_values(&[&scheme, "GET"])
         .inc();
-    let probe = mgr
+    Ok(mgr
         .backend
-        .probe(&request, piece_timeout)
+        .probe(&request, mgr.config.download.piece_timeout)
         .await
         .inspect_err(|_| {
             mgr.metrics
                 .backend_request_failure_total
                 .with_label_values(&[&scheme, "GET"])
                 .inc();
-        })?;
-    let content_length = probe.stat.content_length;
+        })?)
+}
+
+/// A task's storage, ready for pieces: metadata written, content file sized, and the
+/// pieces an interrupted earlier run left behind.
+pub(super) struct Prepared {
+    pub meta: TaskMeta,
+    pub writer: ContentWriter,
+    pub piece_length: u64,
+    pub content_length: Option<u64>,
+}
+
+/// Opens (or resumes) a task's storage for a content of `content_length` bytes and publishes
+/// the run as started with the pieces already stored.
+pub(super) async fn prepare(
+    mgr: &TaskManager,
+    run: &TaskRun,
+    plan: &DownloadPlan,
+    content_length: Option<u64>,
+    response_header: Vec<(String, String)>,
+) -> Result<Prepared, TaskError> {
     let piece_length = plan.piece_length.unwrap_or_else(|| {
         content_length
             .map(piece_length_for)
             .unwrap_or(MIN_PIECE_LENGTH)
     });
-
     let task_id = &plan.task_id;
     let storage = &mgr.storage;
     let previous = storage.task(task_id).await?;
@@ -78,7 +110,7 @@ pub(super) async fn download(
     meta.url = plan.url.to_string();
     meta.content_length = content_length;
     meta.piece_length = Some(piece_length);
-    meta.response_header = probe.stat.headers.clone();
+    meta.response_header = response_header.clone();
     meta.accessed_at = now_secs();
     meta.finished_at = None;
     storage.put_task(meta.clone()).await?;
@@ -94,21 +126,38 @@ pub(super) async fn download(
             "resuming with pieces from an earlier run"
         );
     }
-    let have: HashSet<u32> = existing.iter().map(|p| p.number).collect();
-    run.set_started(
-        content_length,
+    run.set_started(content_length, piece_length, response_header, existing);
+    Ok(Prepared {
+        meta,
+        writer,
         piece_length,
-        probe.stat.headers.clone(),
-        existing,
-    );
+        content_length,
+    })
+}
 
+/// Fetches from the origin every piece the run does not have yet. Returns when the content
+/// is complete; a content of unknown length gets its length recorded.
+pub(super) async fn transfer(
+    mgr: &TaskManager,
+    run: &TaskRun,
+    plan: &DownloadPlan,
+    prepared: &mut Prepared,
+    probe: Probe,
+) -> Result<(), TaskError> {
+    let request = SourceRequest {
+        url: plan.url.clone(),
+        headers: plan.headers.clone(),
+    };
+    let have: HashSet<u32> = run.state().pieces.iter().map(|p| p.number).collect();
     let ctx = Ctx {
         mgr,
         run,
         plan,
         request: &request,
-        writer: &writer,
+        writer: &prepared.writer,
     };
+    let piece_length = prepared.piece_length;
+    let content_length = prepared.content_length;
     let total = match (probe.stat.supports_range, content_length) {
         (true, Some(len)) => {
             drop(probe.full_body);
@@ -125,11 +174,12 @@ pub(super) async fn download(
         }
     };
     if content_length.is_none() {
-        writer.set_len(total).await?;
-        meta.content_length = Some(total);
+        prepared.writer.set_len(total).await?;
+        prepared.meta.content_length = Some(total);
+        prepared.content_length = Some(total);
         run.set_content_length(total);
     }
-    mgr.mark_finished(meta).await
+    Ok(())
 }
 
 struct Ctx<'a> {

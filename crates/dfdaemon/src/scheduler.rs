@@ -1,0 +1,269 @@
+//! The dfdaemon's view of its schedulers: which one owns a task (consistent hashing of the
+//! task ID, failing over along the ring), host announcements, and one AnnouncePeer stream
+//! per download.
+
+use crate::host::{host_proto, HostInfo, Traffic};
+use d7y_types::HashRing;
+use dragonfly_api::common::v2::Download;
+use dragonfly_api::scheduler::v2::announce_peer_request::Request as Event;
+use dragonfly_api::scheduler::v2::scheduler_client::SchedulerClient;
+use dragonfly_api::scheduler::v2::*;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{debug, info, warn};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requests buffered towards the scheduler on one stream.
+const ANNOUNCE_BUFFER: usize = 1024;
+
+/// Why talking to a scheduler failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    #[error("no scheduler is reachable (tried {0})")]
+    Unreachable(String),
+    #[error("scheduler {addr} refused: {message}")]
+    Refused { addr: String, message: String },
+}
+
+/// The configured schedulers.
+pub struct Schedulers {
+    ring: HashRing<String>,
+    host: Arc<HostInfo>,
+    traffic: Arc<Traffic>,
+    channels: Mutex<HashMap<String, Channel>>,
+    announced: Mutex<HashSet<String>>,
+}
+
+impl Schedulers {
+    pub fn new(addrs: Vec<String>, host: Arc<HostInfo>, traffic: Arc<Traffic>) -> Schedulers {
+        Schedulers {
+            ring: HashRing::new(addrs),
+            host,
+            traffic,
+            channels: Mutex::default(),
+            announced: Mutex::default(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ring.is_empty()
+    }
+
+    pub fn host_id(&self) -> &str {
+        &self.host.host_id
+    }
+
+    pub fn host(&self) -> &Arc<HostInfo> {
+        &self.host
+    }
+
+    async fn channel(&self, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        if let Some(c) = self.channels.lock().expect("channels").get(addr) {
+            return Ok(c.clone());
+        }
+        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect()
+            .await?;
+        self.channels
+            .lock()
+            .expect("channels")
+            .insert(addr.to_string(), channel.clone());
+        Ok(channel)
+    }
+
+    fn forget(&self, addr: &str) {
+        self.channels.lock().expect("channels").remove(addr);
+        self.announced.lock().expect("announced").remove(addr);
+    }
+
+    async fn announce_to(&self, addr: &str) -> Result<(), tonic::Status> {
+        let channel = self
+            .channel(addr)
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        let mut request = tonic::Request::new(AnnounceHostRequest {
+            host: Some(host_proto(&self.host, &self.traffic)),
+            interval: None,
+        });
+        request.set_timeout(REQUEST_TIMEOUT);
+        SchedulerClient::new(channel).announce_host(request).await?;
+        self.announced
+            .lock()
+            .expect("announced")
+            .insert(addr.to_string());
+        Ok(())
+    }
+
+    /// Announces this host to every scheduler, every `interval`, forever.
+    pub async fn announce_loop(self: Arc<Self>, interval: Duration) {
+        let mut ticker = tokio::time::interval(interval.max(Duration::from_secs(1)));
+        loop {
+            ticker.tick().await;
+            for addr in self.ring.successors("") {
+                if let Err(status) = self.announce_to(addr).await {
+                    debug!(addr, error = status.message(), "announce host failed");
+                    self.forget(addr);
+                }
+            }
+        }
+    }
+
+    /// Registers on one scheduler and waits for its first answer. A scheduler that lost
+    /// this host (it restarted) gets the host announced again and the registration retried.
+    async fn try_register(
+        &self,
+        addr: &str,
+        task_id: &str,
+        peer_id: &str,
+        download: Download,
+    ) -> Result<AnnounceStream, RegisterFailure> {
+        let unavailable = |e: String| RegisterFailure::Unavailable(e);
+        let mut reannounced = false;
+        loop {
+            let announced = self.announced.lock().expect("announced").contains(addr);
+            if !announced {
+                self.announce_to(addr)
+                    .await
+                    .map_err(|s| unavailable(s.message().to_string()))?;
+            }
+            let channel = self
+                .channel(addr)
+                .await
+                .map_err(|e| unavailable(e.to_string()))?;
+            let (tx, rx) = mpsc::channel(ANNOUNCE_BUFFER);
+            let announce = Announce {
+                addr: addr.to_string(),
+                host_id: self.host.host_id.clone(),
+                task_id: task_id.to_string(),
+                peer_id: peer_id.to_string(),
+                tx,
+            };
+            announce.send(Event::RegisterPeerRequest(RegisterPeerRequest {
+                download: Some(download.clone()),
+            }));
+            let mut client = SchedulerClient::new(channel).max_decoding_message_size(64 << 20);
+            let first = match client
+                .announce_peer(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+            {
+                Ok(r) => {
+                    let mut responses = r.into_inner();
+                    match responses.message().await {
+                        Ok(Some(m)) => Ok((m.response, responses)),
+                        Ok(None) => Err(tonic::Status::unavailable("stream closed at once")),
+                        Err(status) => Err(status),
+                    }
+                }
+                Err(status) => Err(status),
+            };
+            match first {
+                Ok((first, responses)) => {
+                    info!(addr, task_id, peer_id, "registered with scheduler");
+                    return Ok(AnnounceStream {
+                        announce,
+                        first,
+                        responses,
+                    });
+                }
+                Err(status) if status.code() == tonic::Code::NotFound && !reannounced => {
+                    debug!(addr, "scheduler does not know this host; announcing again");
+                    self.announced.lock().expect("announced").remove(addr);
+                    reannounced = true;
+                }
+                Err(status) => {
+                    return Err(match status.code() {
+                        tonic::Code::FailedPrecondition
+                        | tonic::Code::InvalidArgument
+                        | tonic::Code::PermissionDenied => {
+                            RegisterFailure::Refused(status.message().to_string())
+                        }
+                        _ => unavailable(status.message().to_string()),
+                    })
+                }
+            }
+        }
+    }
+}
+
+enum RegisterFailure {
+    Unavailable(String),
+    Refused(String),
+}
+
+/// The sending half of one AnnouncePeer stream.
+#[derive(Clone)]
+pub struct Announce {
+    pub addr: String,
+    host_id: String,
+    task_id: String,
+    peer_id: String,
+    tx: mpsc::Sender<AnnouncePeerRequest>,
+}
+
+/// An AnnouncePeer stream: send events, receive responses.
+pub struct AnnounceStream {
+    pub announce: Announce,
+    /// The scheduler's first answer.
+    pub first: Option<announce_peer_response::Response>,
+    pub responses: tonic::Streaming<AnnouncePeerResponse>,
+}
+
+impl Announce {
+    /// Queues an event; a full or closed stream drops it (the scheduler is gone or slow,
+    /// and the download goes on without it).
+    pub fn send(&self, event: Event) {
+        let request = AnnouncePeerRequest {
+            host_id: self.host_id.clone(),
+            task_id: self.task_id.clone(),
+            peer_id: self.peer_id.clone(),
+            request: Some(event),
+        };
+        if self.tx.try_send(request).is_err() {
+            debug!(
+                addr = self.addr,
+                "announce stream is closed or full; event dropped"
+            );
+        }
+    }
+}
+
+impl Schedulers {
+    /// Registers a peer of `task_id` with the task's scheduler (failing over along the
+    /// ring to the next one that answers) and returns the open announce stream.
+    pub async fn open(
+        &self,
+        task_id: &str,
+        peer_id: &str,
+        download: Download,
+    ) -> Result<AnnounceStream, SchedulerError> {
+        let mut tried = Vec::new();
+        for addr in self.ring.successors(task_id) {
+            tried.push(addr.clone());
+            match self
+                .try_register(addr, task_id, peer_id, download.clone())
+                .await
+            {
+                Ok(a) => return Ok(a),
+                Err(RegisterFailure::Unavailable(reason)) => {
+                    warn!(addr, reason, "scheduler unavailable, trying the next one");
+                    self.forget(addr);
+                }
+                Err(RegisterFailure::Refused(message)) => {
+                    return Err(SchedulerError::Refused {
+                        addr: addr.clone(),
+                        message,
+                    })
+                }
+            }
+        }
+        Err(SchedulerError::Unreachable(tried.join(", ")))
+    }
+}

@@ -1,0 +1,1046 @@
+//! Download through the swarm: register with the task's scheduler, then take pieces from
+//! several parents at once (SyncPieces for availability, Vortex for bytes), or go back to
+//! source when the scheduler says so or is gone.
+//!
+//! Piece choice is rarest-first among what the current parents offer (random among ties),
+//! parent choice prefers normal peers over the seed and weighs idle upload bandwidth, and the
+//! seed gets at most [`SEED_SHARE_CAP`] pieces in flight while other parents are connected, so
+//! its upload goes to pieces nobody else has yet. Every piece is CRC-checked before it is
+//! recorded; a parent that sends a bad piece is reported and dropped for this task.
+
+use super::source::{self, Prepared};
+use super::{DownloadPlan, TaskManager, TaskRun};
+use crate::error::TaskError;
+use crate::scheduler::{Announce, AnnounceStream, SchedulerError, Schedulers};
+use bytes::BytesMut;
+use d7y_storage::{PieceMeta, StorageError};
+use d7y_types::piece::{piece_length_for, MIN_PIECE_LENGTH};
+use d7y_types::{Digest, PieceLayout};
+use dragonfly_api::common::v2::{Peer, Piece, TrafficType};
+use dragonfly_api::dfdaemon::v2::dfdaemon_upload_client::DfdaemonUploadClient;
+use dragonfly_api::dfdaemon::v2::{SyncHostRequest, SyncPiecesRequest};
+use dragonfly_api::scheduler::v2::announce_peer_request::Request as Event;
+use dragonfly_api::scheduler::v2::announce_peer_response::Response as Reply;
+use dragonfly_api::scheduler::v2::*;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
+use rand::seq::SliceRandom;
+use rand::Rng;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+/// Pieces in flight from one parent.
+const PER_PARENT_CAP: usize = 4;
+/// Pieces in flight from a seed peer while other parents are connected.
+const SEED_SHARE_CAP: usize = 2;
+/// Failed pieces before a parent is dropped for this task.
+const PARENT_FAILURE_LIMIT: u32 = 3;
+/// How often a downloading peer asks the scheduler for a fresher parent set.
+const REFRESH_INTERVAL: Duration = Duration::from_millis(500);
+/// With the scheduler gone and nothing obtainable from the parents for this long, the rest
+/// comes from the origin.
+const ORPHAN_STALL: Duration = Duration::from_secs(3);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Whether to bypass the scheduler: upstream sends contents of at most one minimum piece
+/// straight to the origin under the AUTO scheduling policy.
+fn bypasses_scheduler(plan: &DownloadPlan, content_length: Option<u64>) -> bool {
+    plan.download.scheduling_policy == 0
+        && !plan.disable_back_to_source
+        && content_length.is_some_and(|len| len <= MIN_PIECE_LENGTH)
+}
+
+/// Downloads a task with the help of the schedulers.
+pub(super) async fn download(
+    mgr: &TaskManager,
+    run: &TaskRun,
+    plan: &DownloadPlan,
+    schedulers: &Schedulers,
+) -> Result<(), TaskError> {
+    // The origin tells the length (and whether it takes ranges); without it the parents'
+    // view of the task does. An origin that answers with an HTTP error is final.
+    let probe = if plan.disable_back_to_source {
+        None
+    } else {
+        match source::probe(mgr, plan).await {
+            Ok(p) => Some(p),
+            Err(TaskError::Backend(e)) if e.http_status().is_none() => {
+                warn!(task_id = plan.task_id, error = %e, "origin unreachable; trying peers");
+                None
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let content_length = probe.as_ref().and_then(|p| p.stat.content_length);
+    if probe.is_some() && (content_length.is_none() || bypasses_scheduler(plan, content_length)) {
+        // Unknown length (cannot be laid out in pieces for peers) or a small file.
+        let probe = probe.expect("checked above");
+        return from_source(mgr, run, plan, None, probe, content_length).await;
+    }
+
+    let peer_id = schedulers.host().identity.peer_id();
+    let piece_length =
+        content_length.map(|len| plan.piece_length.unwrap_or_else(|| piece_length_for(len)));
+    let mut register = plan.download.clone();
+    register.output_path = None;
+    register.actual_content_length = content_length;
+    register.actual_piece_length = piece_length;
+    register.actual_piece_count = content_length
+        .zip(piece_length)
+        .map(|(len, pl)| PieceLayout::new(len, Some(pl)).piece_count() as u64);
+    let stream = match schedulers.open(&plan.task_id, &peer_id, register).await {
+        Ok(s) => s,
+        Err(SchedulerError::Unreachable(tried)) => {
+            warn!(
+                task_id = plan.task_id,
+                tried, "no scheduler reachable, going back to source"
+            );
+            return match probe {
+                Some(probe) => from_source(mgr, run, plan, None, probe, content_length).await,
+                None => Err(TaskError::SchedulerUnavailable(tried)),
+            };
+        }
+        Err(e @ SchedulerError::Refused { .. }) => return Err(TaskError::Scheduler(e.to_string())),
+    };
+    let AnnounceStream {
+        announce,
+        first,
+        mut responses,
+    } = stream;
+    match first {
+        Some(Reply::NormalTaskResponse(NormalTaskResponse { candidate_parents })) => {
+            announce.send(Event::DownloadPeerStartedRequest(
+                DownloadPeerStartedRequest {},
+            ));
+            let content_length =
+                match content_length.or_else(|| length_from_parents(&candidate_parents)) {
+                    Some(len) => len,
+                    None => {
+                        return Err(TaskError::Internal(
+                            "neither the origin nor the parents know the content length".into(),
+                        ))
+                    }
+                };
+            let header = probe
+                .as_ref()
+                .map(|p| p.stat.headers.clone())
+                .unwrap_or_default();
+            let mut prepared =
+                source::prepare(mgr, run, plan, Some(content_length), header).await?;
+            let mut engine = Engine::new(mgr, run, plan, &prepared, announce.clone(), peer_id);
+            engine.set_parents(candidate_parents);
+            match engine.run(&mut responses).await {
+                Ok(()) => {
+                    announce.send(Event::DownloadPeerFinishedRequest(
+                        DownloadPeerFinishedRequest {},
+                    ));
+                    mgr.mark_finished(prepared.meta).await
+                }
+                Err(EngineExit::BackToSource(reason)) => {
+                    drop(engine);
+                    info!(task_id = plan.task_id, reason, "finishing from the origin");
+                    let probe = match probe {
+                        Some(p) => p,
+                        None => source::probe(mgr, plan).await?,
+                    };
+                    let scheduler = (!reason.starts_with("scheduler lost")).then_some(&announce);
+                    source_rest(mgr, run, plan, scheduler, &mut prepared, probe).await?;
+                    mgr.mark_finished(prepared.meta).await
+                }
+                Err(EngineExit::Failed(e)) => {
+                    announce.send(Event::DownloadPeerFailedRequest(
+                        DownloadPeerFailedRequest {
+                            description: Some(e.to_string()),
+                        },
+                    ));
+                    Err(e)
+                }
+            }
+        }
+        Some(Reply::NeedBackToSourceResponse(r)) => {
+            debug!(
+                task_id = plan.task_id,
+                description = r.description.as_deref().unwrap_or(""),
+                "scheduler: back to source"
+            );
+            let probe = match probe {
+                Some(p) => p,
+                None => return Err(TaskError::BackToSourceDisabled),
+            };
+            from_source(mgr, run, plan, Some(&announce), probe, content_length).await
+        }
+        Some(Reply::EmptyTaskResponse(_)) => {
+            let prepared = source::prepare(mgr, run, plan, Some(0), Vec::new()).await?;
+            announce.send(Event::DownloadPeerStartedRequest(
+                DownloadPeerStartedRequest {},
+            ));
+            announce.send(Event::DownloadPeerFinishedRequest(
+                DownloadPeerFinishedRequest {},
+            ));
+            mgr.mark_finished(prepared.meta).await
+        }
+        Some(Reply::MetadataOnlyResponse(_)) | None => {
+            // The scheduler is gone or answered nonsense: do the download alone.
+            match probe {
+                Some(probe) => from_source(mgr, run, plan, None, probe, content_length).await,
+                None => Err(TaskError::SchedulerUnavailable(announce.addr.clone())),
+            }
+        }
+    }
+}
+
+fn is_refusal(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::FailedPrecondition
+            | tonic::Code::InvalidArgument
+            | tonic::Code::PermissionDenied
+    )
+}
+
+fn length_from_parents(parents: &[Peer]) -> Option<u64> {
+    parents
+        .iter()
+        .filter_map(|p| p.task.as_ref())
+        .map(|t| t.content_length)
+        .find(|len| *len > 0)
+}
+
+/// The whole task from the origin, reporting pieces to the scheduler when there is one.
+async fn from_source(
+    mgr: &TaskManager,
+    run: &TaskRun,
+    plan: &DownloadPlan,
+    announce: Option<&Announce>,
+    probe: d7y_backend::Probe,
+    content_length: Option<u64>,
+) -> Result<(), TaskError> {
+    if plan.disable_back_to_source {
+        return Err(TaskError::BackToSourceDisabled);
+    }
+    let mut prepared =
+        source::prepare(mgr, run, plan, content_length, probe.stat.headers.clone()).await?;
+    source_rest(mgr, run, plan, announce, &mut prepared, probe).await?;
+    mgr.mark_finished(prepared.meta).await
+}
+
+/// Fetches the missing pieces from the origin, forwarding each to the scheduler.
+async fn source_rest(
+    mgr: &TaskManager,
+    run: &TaskRun,
+    plan: &DownloadPlan,
+    announce: Option<&Announce>,
+    prepared: &mut Prepared,
+    probe: d7y_backend::Probe,
+) -> Result<(), TaskError> {
+    if plan.disable_back_to_source {
+        return Err(TaskError::BackToSourceDisabled);
+    }
+    let Some(announce) = announce else {
+        return source::transfer(mgr, run, plan, prepared, probe).await;
+    };
+    announce.send(Event::DownloadPeerBackToSourceStartedRequest(
+        DownloadPeerBackToSourceStartedRequest { description: None },
+    ));
+    let mut watch = run.subscribe();
+    let mut reported = watch.borrow().pieces.len();
+    let forward = |pieces: &[PieceMeta], from: usize| {
+        for p in &pieces[from..] {
+            if p.traffic_type == TrafficType::BackToSource as i32 {
+                announce.send(Event::DownloadPieceBackToSourceFinishedRequest(
+                    DownloadPieceBackToSourceFinishedRequest {
+                        piece: Some(piece_proto(p)),
+                    },
+                ));
+            }
+        }
+    };
+    let transfer = source::transfer(mgr, run, plan, prepared, probe);
+    tokio::pin!(transfer);
+    let result = loop {
+        tokio::select! {
+            r = &mut transfer => break r,
+            changed = watch.changed() => {
+                if changed.is_err() { continue; }
+                let pieces = watch.borrow_and_update().pieces.clone();
+                forward(&pieces, reported);
+                reported = pieces.len();
+            }
+        }
+    };
+    let pieces = run.state().pieces;
+    forward(&pieces, reported);
+    match &result {
+        Ok(()) => announce.send(Event::DownloadPeerBackToSourceFinishedRequest(
+            DownloadPeerBackToSourceFinishedRequest {},
+        )),
+        Err(e) => announce.send(Event::DownloadPeerBackToSourceFailedRequest(
+            DownloadPeerBackToSourceFailedRequest {
+                description: Some(e.to_string()),
+            },
+        )),
+    }
+    result
+}
+
+pub(crate) fn piece_proto(p: &PieceMeta) -> Piece {
+    crate::grpc::piece_to_proto(p)
+}
+
+/// Why the engine stopped before having every piece.
+enum EngineExit {
+    BackToSource(String),
+    Failed(TaskError),
+}
+
+/// How fetching a piece from a parent failed.
+#[derive(Debug, thiserror::Error)]
+enum FetchError {
+    #[error(
+        "piece {number} from {parent} failed its CRC check: expected {expected}, got {actual}"
+    )]
+    Corrupt {
+        number: u32,
+        parent: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("parent does not have the piece")]
+    NotFound,
+    #[error("{0}")]
+    Transfer(String),
+    #[error("{0}")]
+    Storage(#[from] StorageError),
+}
+
+/// Something a parent's background stream learnt.
+enum ParentEvent {
+    Available {
+        parent: String,
+        number: u32,
+        addr: Option<SocketAddr>,
+    },
+    SyncEnded {
+        parent: String,
+        error: Option<String>,
+    },
+    Idle {
+        parent: String,
+        idle_bps: u64,
+    },
+}
+
+struct Parent {
+    id: String,
+    is_seed: bool,
+    piece_addr: Option<SocketAddr>,
+    available: HashSet<u32>,
+    inflight: usize,
+    failures: u32,
+    sync_done: bool,
+    idle_bps: u64,
+    pool: Arc<Mutex<Vec<d7y_vortex::Client>>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Parent {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+type Fetch<'a> = BoxFuture<'a, (u32, String, Result<PieceMeta, FetchError>)>;
+
+struct Engine<'a> {
+    mgr: &'a TaskManager,
+    run: &'a TaskRun,
+    plan: &'a DownloadPlan,
+    writer: d7y_storage::ContentWriter,
+    announce: Announce,
+    host_id: String,
+    layout: PieceLayout,
+    have: Vec<bool>,
+    remaining: usize,
+    inflight: HashMap<u32, String>,
+    parents: HashMap<String, Parent>,
+    /// Parents that failed us: never reconnected, and reported on reschedule.
+    failed: HashSet<String>,
+    events_tx: mpsc::Sender<ParentEvent>,
+    events_rx: mpsc::Receiver<ParentEvent>,
+    concurrency: usize,
+    scheduler_alive: bool,
+    waiting_for_parents: bool,
+    last_progress: Instant,
+    fetches: FuturesUnordered<Fetch<'a>>,
+}
+
+impl<'a> Engine<'a> {
+    fn new(
+        mgr: &'a TaskManager,
+        run: &'a TaskRun,
+        plan: &'a DownloadPlan,
+        prepared: &Prepared,
+        announce: Announce,
+        _peer_id: String,
+    ) -> Engine<'a> {
+        let layout = PieceLayout::new(
+            prepared.content_length.unwrap_or(0),
+            Some(prepared.piece_length),
+        );
+        let count = layout.piece_count() as usize;
+        let mut have = vec![false; count];
+        for p in run.state().pieces.iter() {
+            if let Some(h) = have.get_mut(p.number as usize) {
+                *h = true;
+            }
+        }
+        let remaining = have.iter().filter(|h| !**h).count();
+        let (events_tx, events_rx) = mpsc::channel(4096);
+        Engine {
+            mgr,
+            run,
+            plan,
+            writer: prepared.writer.clone(),
+            announce,
+            host_id: mgr.host.host_id.clone(),
+            layout,
+            have,
+            remaining,
+            inflight: HashMap::new(),
+            parents: HashMap::new(),
+            failed: HashSet::new(),
+            events_tx,
+            events_rx,
+            concurrency: mgr.config.download.concurrent_piece_count.max(1) as usize,
+            scheduler_alive: true,
+            waiting_for_parents: false,
+            last_progress: Instant::now(),
+            fetches: FuturesUnordered::new(),
+        }
+    }
+
+    /// Replaces the parent set with the scheduler's latest answer.
+    fn set_parents(&mut self, peers: Vec<Peer>) {
+        let wanted: HashSet<String> = peers.iter().map(|p| p.id.clone()).collect();
+        self.parents.retain(|id, _| wanted.contains(id));
+        for peer in peers {
+            if self.failed.contains(&peer.id) || self.parents.contains_key(&peer.id) {
+                continue;
+            }
+            let Some(host) = peer.host.as_ref() else {
+                continue;
+            };
+            if host.id == self.host_id {
+                continue;
+            }
+            let ip: Option<std::net::IpAddr> = host.ip.parse().ok();
+            let piece_addr = ip
+                .filter(|_| host.download_port > 0)
+                .map(|ip| SocketAddr::new(ip, host.download_port as u16));
+            let upload = match ip {
+                Some(std::net::IpAddr::V6(ip)) => format!("http://[{ip}]:{}", host.port),
+                _ => format!("http://{}:{}", host.ip, host.port),
+            };
+            debug!(task_id = self.plan.task_id, parent = peer.id, "new parent");
+            let tasks = vec![
+                tokio::spawn(sync_pieces(
+                    upload.clone(),
+                    self.host_id.clone(),
+                    self.plan.task_id.clone(),
+                    peer.id.clone(),
+                    self.missing(),
+                    self.events_tx.clone(),
+                )),
+                tokio::spawn(sync_host(
+                    upload,
+                    self.host_id.clone(),
+                    peer.id.clone(),
+                    self.events_tx.clone(),
+                )),
+            ];
+            self.parents.insert(
+                peer.id.clone(),
+                Parent {
+                    id: peer.id.clone(),
+                    is_seed: host.r#type != 0,
+                    piece_addr,
+                    available: HashSet::new(),
+                    inflight: 0,
+                    failures: 0,
+                    sync_done: false,
+                    idle_bps: 0,
+                    pool: Arc::default(),
+                    tasks,
+                },
+            );
+        }
+        self.waiting_for_parents = false;
+    }
+
+    fn missing(&self) -> Vec<u32> {
+        self.have
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| !**h)
+            .map(|(n, _)| n as u32)
+            .collect()
+    }
+
+    fn drop_parent(&mut self, id: &str, why: &str) {
+        if self.parents.remove(id).is_some() {
+            debug!(
+                task_id = self.plan.task_id,
+                parent = id,
+                why,
+                "dropping parent"
+            );
+        }
+        self.failed.insert(id.to_string());
+    }
+
+    /// The next piece to fetch and its parent: rarest among the parents first (random among
+    /// equals), from a normal peer when one has it, weighted by idle upload bandwidth.
+    fn pick(&self, rng: &mut impl Rng) -> Option<(u32, String)> {
+        let others = self.parents.values().any(|p| !p.is_seed);
+        let usable = |p: &Parent| {
+            let cap = if p.is_seed && others {
+                SEED_SHARE_CAP
+            } else if p.is_seed || self.parents.len() == 1 {
+                self.concurrency
+            } else {
+                PER_PARENT_CAP
+            };
+            p.piece_addr.is_some() && p.inflight < cap
+        };
+        // Pieces a normal parent can give come first (rarest among the parents first);
+        // pieces only the seed has come second, so the seed's upload goes to what nobody
+        // else can give.
+        let mut from_peers: (usize, Vec<u32>) = (usize::MAX, Vec::new());
+        let mut from_seed: (usize, Vec<u32>) = (usize::MAX, Vec::new());
+        for (n, have) in self.have.iter().enumerate() {
+            let n = n as u32;
+            if *have || self.inflight.contains_key(&n) {
+                continue;
+            }
+            let mut holders = 0;
+            let (mut normal_holder, mut normal_usable, mut seed_usable) = (false, false, false);
+            for p in self.parents.values() {
+                if p.available.contains(&n) {
+                    holders += 1;
+                    normal_holder |= !p.is_seed;
+                    if usable(p) {
+                        if p.is_seed {
+                            seed_usable = true;
+                        } else {
+                            normal_usable = true;
+                        }
+                    }
+                }
+            }
+            let bucket = if normal_usable {
+                &mut from_peers
+            } else if normal_holder {
+                // A busy peer has it: wait for that peer rather than spend the seed.
+                continue;
+            } else if seed_usable {
+                &mut from_seed
+            } else {
+                continue;
+            };
+            if holders < bucket.0 {
+                *bucket = (holders, Vec::new());
+            }
+            if holders == bucket.0 {
+                bucket.1.push(n);
+            }
+        }
+        let best = if from_peers.1.is_empty() {
+            from_seed.1
+        } else {
+            from_peers.1
+        };
+        let number = *best.choose(rng)?;
+        let holders: Vec<&Parent> = self
+            .parents
+            .values()
+            .filter(|p| p.available.contains(&number) && usable(p))
+            .collect();
+        let normal: Vec<&Parent> = holders.iter().copied().filter(|p| !p.is_seed).collect();
+        let pool = if normal.is_empty() { holders } else { normal };
+        let weights: Vec<f64> = pool
+            .iter()
+            .map(|p| (p.idle_bps.max(1) as f64) / (1 + p.inflight) as f64)
+            .collect();
+        let total: f64 = weights.iter().sum();
+        let mut x = rng.gen::<f64>() * total;
+        for (p, w) in pool.iter().zip(&weights) {
+            if x < *w {
+                return Some((number, p.id.clone()));
+            }
+            x -= w;
+        }
+        pool.last().map(|p| (number, p.id.clone()))
+    }
+
+    fn dispatch(&mut self) {
+        let mut rng = rand::thread_rng();
+        while self.inflight.len() < self.concurrency {
+            let Some((number, parent_id)) = self.pick(&mut rng) else {
+                break;
+            };
+            let parent = self.parents.get_mut(&parent_id).expect("picked");
+            parent.inflight += 1;
+            self.inflight.insert(number, parent_id.clone());
+            let addr = parent.piece_addr.expect("usable");
+            let pool = parent.pool.clone();
+            let fut = fetch_piece(
+                self.mgr,
+                self.run,
+                self.writer.clone(),
+                self.plan.task_id.clone(),
+                self.layout,
+                number,
+                parent_id.clone(),
+                addr,
+                pool,
+            );
+            self.fetches
+                .push(async move { (number, parent_id, fut.await) }.boxed());
+        }
+    }
+
+    fn stuck(&self) -> bool {
+        self.remaining > 0 && self.inflight.is_empty()
+    }
+
+    fn parents_exhausted(&self) -> bool {
+        self.parents.values().all(|p| p.sync_done)
+    }
+
+    fn reschedule(&mut self, why: &str) {
+        if !self.scheduler_alive || self.waiting_for_parents {
+            return;
+        }
+        let failed: Vec<Peer> = self
+            .failed
+            .iter()
+            .chain(
+                self.parents
+                    .iter()
+                    .filter(|(_, p)| p.sync_done)
+                    .map(|(id, _)| id),
+            )
+            .map(|id| Peer {
+                id: id.clone(),
+                ..Default::default()
+            })
+            .collect();
+        debug!(
+            task_id = self.plan.task_id,
+            why,
+            failed = failed.len(),
+            "asking for new parents"
+        );
+        self.announce
+            .send(Event::ReschedulePeerRequest(ReschedulePeerRequest {
+                candidate_parents: failed,
+                description: Some(why.to_string()),
+            }));
+        self.waiting_for_parents = true;
+    }
+
+    async fn run(
+        &mut self,
+        responses: &mut tonic::Streaming<AnnouncePeerResponse>,
+    ) -> Result<(), EngineExit> {
+        let mut refresh = tokio::time::interval(REFRESH_INTERVAL);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stall_check = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            self.dispatch();
+            if self.remaining == 0 && self.inflight.is_empty() {
+                return Ok(());
+            }
+            if self.stuck() && self.parents_exhausted() {
+                self.reschedule("parents have nothing more to give");
+            }
+            tokio::select! {
+                Some((number, parent, result)) = self.fetches.next(), if !self.fetches.is_empty() => {
+                    self.on_fetched(number, &parent, result).map_err(EngineExit::Failed)?;
+                }
+                Some(event) = self.events_rx.recv() => self.on_parent_event(event),
+                message = responses.message(), if self.scheduler_alive => {
+                    match message {
+                        Ok(Some(AnnouncePeerResponse { response: Some(reply) })) => match reply {
+                            Reply::NormalTaskResponse(r) => self.set_parents(r.candidate_parents),
+                            Reply::NeedBackToSourceResponse(r) => {
+                                return Err(EngineExit::BackToSource(
+                                    r.description.unwrap_or_else(|| "scheduler asked".into()),
+                                ))
+                            }
+                            Reply::EmptyTaskResponse(_) | Reply::MetadataOnlyResponse(_) => {}
+                        },
+                        Ok(Some(_)) => {}
+                        Ok(None) => self.scheduler_lost("stream closed"),
+                        Err(status) if is_refusal(&status) => {
+                            return Err(EngineExit::Failed(TaskError::Scheduler(
+                                status.message().to_string(),
+                            )))
+                        }
+                        Err(status) => self.scheduler_lost(status.message()),
+                    }
+                }
+                _ = refresh.tick(), if self.scheduler_alive && self.remaining > 0 => {
+                    self.announce.send(Event::ReschedulePeerRequest(ReschedulePeerRequest {
+                        candidate_parents: Vec::new(),
+                        description: Some("refresh".into()),
+                    }));
+                }
+                _ = stall_check.tick() => {
+                    if !self.scheduler_alive && self.stuck() && self.last_progress.elapsed() > ORPHAN_STALL {
+                        if self.plan.disable_back_to_source {
+                            return Err(EngineExit::Failed(TaskError::SchedulerUnavailable(
+                                format!("{} (lost mid-download; back-to-source is disabled)", self.announce.addr),
+                            )));
+                        }
+                        return Err(EngineExit::BackToSource("scheduler lost and parents stalled".into()));
+                    }
+                }
+            }
+        }
+    }
+
+    fn scheduler_lost(&mut self, why: &str) {
+        warn!(
+            task_id = self.plan.task_id,
+            why, "scheduler lost; continuing with the current parents"
+        );
+        self.scheduler_alive = false;
+        self.last_progress = Instant::now();
+    }
+
+    fn on_parent_event(&mut self, event: ParentEvent) {
+        match event {
+            ParentEvent::Available {
+                parent,
+                number,
+                addr,
+            } => {
+                if let Some(p) = self.parents.get_mut(&parent) {
+                    p.available.insert(number);
+                    if let Some(addr) = addr {
+                        p.piece_addr = Some(addr);
+                    }
+                }
+            }
+            ParentEvent::SyncEnded { parent, error } => match error {
+                Some(e) => self.drop_parent(&parent, &e),
+                None => {
+                    if let Some(p) = self.parents.get_mut(&parent) {
+                        p.sync_done = true;
+                    }
+                }
+            },
+            ParentEvent::Idle { parent, idle_bps } => {
+                if let Some(p) = self.parents.get_mut(&parent) {
+                    p.idle_bps = idle_bps;
+                }
+            }
+        }
+    }
+
+    fn on_fetched(
+        &mut self,
+        number: u32,
+        parent_id: &str,
+        result: Result<PieceMeta, FetchError>,
+    ) -> Result<(), TaskError> {
+        self.inflight.remove(&number);
+        if let Some(p) = self.parents.get_mut(parent_id) {
+            p.inflight = p.inflight.saturating_sub(1);
+        }
+        match result {
+            Ok(piece) => {
+                if !self.have[number as usize] {
+                    self.have[number as usize] = true;
+                    self.remaining -= 1;
+                }
+                self.last_progress = Instant::now();
+                if let Some(p) = self.parents.get_mut(parent_id) {
+                    p.failures = 0;
+                }
+                self.announce.send(Event::DownloadPieceFinishedRequest(
+                    DownloadPieceFinishedRequest {
+                        piece: Some(piece_proto(&piece)),
+                    },
+                ));
+            }
+            Err(FetchError::Storage(e)) => return Err(e.into()),
+            Err(err) => {
+                let metrics = &self.mgr.metrics;
+                metrics
+                    .download_piece_failure_total
+                    .with_label_values(&["REMOTE_PEER"])
+                    .inc();
+                let temporary = !matches!(err, FetchError::Corrupt { .. });
+                self.announce.send(Event::DownloadPieceFailedRequest(
+                    DownloadPieceFailedRequest {
+                        piece_number: Some(number),
+                        parent_id: parent_id.to_string(),
+                        temporary,
+                    },
+                ));
+                match err {
+                    FetchError::Corrupt { .. } => {
+                        warn!(task_id = self.plan.task_id, %err, "dropping the parent for this task");
+                        self.drop_parent(parent_id, "corrupt piece");
+                    }
+                    FetchError::NotFound => {
+                        if let Some(p) = self.parents.get_mut(parent_id) {
+                            p.available.remove(&number);
+                        }
+                    }
+                    _ => {
+                        debug!(task_id = self.plan.task_id, number, parent = parent_id, %err, "piece failed");
+                        let drop_it = self.parents.get_mut(parent_id).is_some_and(|p| {
+                            p.failures += 1;
+                            p.failures >= PARENT_FAILURE_LIMIT
+                        });
+                        if drop_it {
+                            self.drop_parent(parent_id, "too many failures");
+                        }
+                    }
+                }
+                if self.parents.is_empty() {
+                    self.reschedule("every parent failed");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Streams a parent's pieces as they become available there.
+async fn sync_pieces(
+    upload: String,
+    host_id: String,
+    task_id: String,
+    parent: String,
+    interested: Vec<u32>,
+    events: mpsc::Sender<ParentEvent>,
+) {
+    let result: Result<(), String> = async {
+        let channel = tonic::transport::Endpoint::from_shared(upload.clone())
+            .map_err(|e| e.to_string())?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .connect()
+            .await
+            .map_err(|e| format!("connect {upload}: {e}"))?;
+        let mut stream = DfdaemonUploadClient::new(channel)
+            .sync_pieces(SyncPiecesRequest {
+                host_id,
+                task_id,
+                interested_piece_numbers: interested,
+            })
+            .await
+            .map_err(|s| s.message().to_string())?
+            .into_inner();
+        while let Some(r) = stream
+            .message()
+            .await
+            .map_err(|s| s.message().to_string())?
+        {
+            let addr =
+                r.ip.parse::<std::net::IpAddr>()
+                    .ok()
+                    .zip(r.tcp_port.filter(|p| *p > 0))
+                    .map(|(ip, port)| SocketAddr::new(ip, port as u16));
+            if events
+                .send(ParentEvent::Available {
+                    parent: parent.clone(),
+                    number: r.number,
+                    addr,
+                })
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+    .await;
+    let _ = events
+        .send(ParentEvent::SyncEnded {
+            parent,
+            error: result.err(),
+        })
+        .await;
+}
+
+/// Follows a parent's idle upload bandwidth (SyncHost); silent on errors (the weight just
+/// stays at its default).
+async fn sync_host(
+    upload: String,
+    host_id: String,
+    parent: String,
+    events: mpsc::Sender<ParentEvent>,
+) {
+    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(upload) else {
+        return;
+    };
+    let Ok(channel) = endpoint.connect_timeout(CONNECT_TIMEOUT).connect().await else {
+        return;
+    };
+    let Ok(response) = DfdaemonUploadClient::new(channel)
+        .sync_host(SyncHostRequest {
+            host_id,
+            peer_id: String::new(),
+        })
+        .await
+    else {
+        return;
+    };
+    let mut stream = response.into_inner();
+    while let Ok(Some(host)) = stream.message().await {
+        let Some(net) = host.network else { continue };
+        let idle = net
+            .max_tx_bandwidth
+            .saturating_sub(net.tx_bandwidth.unwrap_or(0));
+        if events
+            .send(ParentEvent::Idle {
+                parent: parent.clone(),
+                idle_bps: idle,
+            })
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Fetches one piece over Vortex into the content file, checks its CRC, records it.
+#[allow(clippy::too_many_arguments)]
+async fn fetch_piece(
+    mgr: &TaskManager,
+    run: &TaskRun,
+    writer: d7y_storage::ContentWriter,
+    task_id: String,
+    layout: PieceLayout,
+    number: u32,
+    parent_id: String,
+    addr: SocketAddr,
+    pool: Arc<Mutex<Vec<d7y_vortex::Client>>>,
+) -> Result<PieceMeta, FetchError> {
+    let started = Instant::now();
+    let timeout = mgr.config.download.piece_timeout;
+    let transfer = |e: String| FetchError::Transfer(e);
+    let (offset, length) = layout.range(number).map_err(|e| transfer(e.to_string()))?;
+    let pooled = pool.lock().expect("pool").pop();
+    let mut client = match pooled {
+        Some(c) => c,
+        None => d7y_vortex::Client::connect(addr, CONNECT_TIMEOUT)
+            .await
+            .map_err(|e| transfer(e.to_string()))?,
+    };
+    let work = async {
+        let meta = client.request_piece(&task_id, number).await.map_err(|e| {
+            if e.is_not_found() {
+                FetchError::NotFound
+            } else {
+                transfer(e.to_string())
+            }
+        })?;
+        if meta.number != number || meta.offset != offset || meta.length != length {
+            return Err(FetchError::Corrupt {
+                number,
+                parent: parent_id.clone(),
+                expected: format!("piece {number} at {offset}+{length}"),
+                actual: format!("piece {} at {}+{}", meta.number, meta.offset, meta.length),
+            });
+        }
+        let expected: Digest = meta.digest.parse().map_err(|_| FetchError::Corrupt {
+            number,
+            parent: parent_id.clone(),
+            expected: "a crc32 digest".into(),
+            actual: meta.digest.clone(),
+        })?;
+        let cap = (mgr.config.storage.write_buffer_size as u64)
+            .clamp(64 * 1024, length.max(64 * 1024)) as usize;
+        let mut hasher = crc32fast::Hasher::new();
+        let mut reader = client.content(length);
+        let mut written = 0u64;
+        let mut buf = BytesMut::with_capacity(cap);
+        loop {
+            buf.reserve(cap.saturating_sub(buf.len()));
+            let n = reader
+                .read_buf(&mut buf)
+                .await
+                .map_err(|e| transfer(e.to_string()))?;
+            let eof = n == 0;
+            if buf.len() >= cap || (eof && !buf.is_empty()) {
+                let data = buf.split().freeze();
+                hasher.update(&data);
+                mgr.download_bandwidth.acquire(data.len()).await;
+                let len = data.len() as u64;
+                writer.write_at(offset + written, data).await?;
+                written += len;
+            }
+            if eof {
+                break;
+            }
+        }
+        if written != length {
+            return Err(transfer(format!(
+                "parent closed after {written} of {length} bytes"
+            )));
+        }
+        let actual = Digest::crc32(hasher.finalize());
+        if actual != expected {
+            return Err(FetchError::Corrupt {
+                number,
+                parent: parent_id.clone(),
+                expected: expected.to_string(),
+                actual: actual.to_string(),
+            });
+        }
+        Ok(actual)
+    };
+    let digest = match tokio::time::timeout(timeout, work).await {
+        Ok(Ok(d)) => d,
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            return Err(transfer(format!(
+                "piece {number} timed out after {timeout:?}"
+            )))
+        }
+    };
+    pool.lock().expect("pool").push(client);
+    let mut piece = PieceMeta::new(number, offset, length, digest.to_string());
+    piece.parent_id = Some(parent_id);
+    piece.traffic_type = TrafficType::RemotePeer as i32;
+    piece.cost_millis = started.elapsed().as_millis() as u64;
+    mgr.storage.put_piece(&task_id, piece.clone()).await?;
+    let m = &mgr.metrics;
+    m.download_traffic
+        .with_label_values(&["REMOTE_PEER", "STANDARD"])
+        .inc_by(length);
+    m.download_piece_total
+        .with_label_values(&["REMOTE_PEER"])
+        .inc();
+    m.download_piece_duration_milliseconds
+        .with_label_values(&["REMOTE_PEER"])
+        .observe(piece.cost_millis as f64);
+    run.add_piece(piece.clone());
+    Ok(piece)
+}

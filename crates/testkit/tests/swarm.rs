@@ -1,0 +1,375 @@
+//! The P2P swarm on loopback: an instrumented origin, a scheduler, one seed peer and several
+//! peers, all real binaries.
+
+use d7y_testkit::{free_port, Daemon, DaemonOptions, Origin, OriginOptions, Scheduler};
+use dragonfly_api::dfdaemon::v2::dfdaemon_upload_client::DfdaemonUploadClient;
+use dragonfly_api::dfdaemon::v2::StatTaskRequest;
+use rand::RngCore;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+const MIB: usize = 1024 * 1024;
+
+struct Swarm {
+    origin: Origin,
+    scheduler: Scheduler,
+    seed: Daemon,
+    peers: Vec<Daemon>,
+    dir: tempfile::TempDir,
+}
+
+impl Swarm {
+    /// A scheduler, a seed peer and `n` peers; `peer_download_yaml` goes under each normal
+    /// peer's `download:` section.
+    fn start(n: usize, peer_download_yaml: &str) -> Swarm {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = Origin::start(OriginOptions::default());
+        let scheduler_port = free_port();
+        let scheduler_addr = format!("127.0.0.1:{scheduler_port}");
+        let seed = Daemon::start_opts(
+            &dir.path().join("seed"),
+            &DaemonOptions {
+                hostname: Some("seed".into()),
+                schedulers: vec![scheduler_addr.clone()],
+                seed: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let scheduler = Scheduler::start_at(
+            &dir.path().join("scheduler"),
+            scheduler_port,
+            &[seed.upload_port],
+            "",
+        )
+        .unwrap();
+        let peers = (0..n)
+            .map(|i| {
+                Daemon::start_opts(
+                    &dir.path().join(format!("peer{i}")),
+                    &DaemonOptions {
+                        hostname: Some(format!("peer{i}")),
+                        schedulers: vec![scheduler_addr.clone()],
+                        download_yaml: peer_download_yaml.to_string(),
+                        ..Default::default()
+                    },
+                )
+                .unwrap()
+            })
+            .collect();
+        Swarm {
+            origin,
+            scheduler,
+            seed,
+            peers,
+            dir,
+        }
+    }
+
+    fn output(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("out{i}"))
+    }
+
+    /// Starts dfget on every peer at once.
+    fn spawn_all(&self, url: &str) -> Vec<Child> {
+        self.peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| p.dfget(url, &self.output(i)).spawn().unwrap())
+            .collect()
+    }
+
+    fn logs(&self) -> String {
+        if let Ok(keep) = std::env::var("D7Y_KEEP_LOGS") {
+            let _ = std::process::Command::new("cp")
+                .arg("-r")
+                .arg(self.dir.path())
+                .arg(&keep)
+                .status();
+        }
+        let mut s = format!(
+            "--- scheduler\n{}\n--- seed\n{}\n",
+            tail(&self.scheduler.log()),
+            tail(&self.seed.log())
+        );
+        for (i, p) in self.peers.iter().enumerate() {
+            s += &format!("--- peer{i}\n{}\n", tail(&p.log()));
+        }
+        s
+    }
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+fn random(len: usize) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    rand::thread_rng().fill_bytes(&mut data);
+    data
+}
+
+fn wait_ok(children: Vec<Child>, swarm: &Swarm) {
+    for (i, child) in children.into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "peer{i} dfget failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            swarm.logs()
+        );
+    }
+}
+
+fn same_file(path: &Path, data: &[u8]) -> bool {
+    std::fs::read(path).map(|d| d == data).unwrap_or(false)
+}
+
+/// Bytes a daemon holds for its only task, by the parent each piece came from
+/// (`None` = the origin).
+fn bytes_by_parent(daemon: &Daemon) -> Vec<(Option<String>, u64)> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let task_id = only_task_id(daemon);
+        let mut client =
+            DfdaemonUploadClient::connect(format!("http://127.0.0.1:{}", daemon.upload_port))
+                .await
+                .unwrap();
+        let task = client
+            .stat_task(StatTaskRequest {
+                task_id,
+                remote_ip: None,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        task.pieces
+            .into_iter()
+            .map(|p| (p.parent_id, p.length))
+            .collect()
+    })
+}
+
+/// The task ID of the content file a daemon stores (the tests download one file per daemon).
+fn only_task_id(daemon: &Daemon) -> String {
+    let tasks = daemon.data_dir().join("content").join("tasks");
+    for prefix in std::fs::read_dir(&tasks).unwrap() {
+        for file in std::fs::read_dir(prefix.unwrap().path()).unwrap() {
+            return file.unwrap().file_name().to_string_lossy().into_owned();
+        }
+    }
+    panic!("no task in {}", tasks.display());
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn six_peers_share_one_origin_copy() {
+    let swarm = Swarm::start(6, "");
+    let size = 256 * MIB;
+    let data = random(size);
+    let url = swarm.origin.put("big.bin", data.clone());
+    let started = Instant::now();
+    let children = swarm.spawn_all(&url);
+    wait_ok(children, &swarm);
+    let elapsed = started.elapsed();
+    for i in 0..6 {
+        assert!(same_file(&swarm.output(i), &data), "peer{i} output differs");
+    }
+    let served = swarm.origin.bytes_served();
+    assert!(
+        served as f64 <= 1.05 * size as f64,
+        "origin served {served} bytes for a {size}-byte file\n{}",
+        swarm.logs()
+    );
+    let shares: Vec<(usize, u64, Vec<Option<String>>)> = swarm
+        .peers
+        .iter()
+        .enumerate()
+        .map(|(i, peer)| {
+            let pieces = bytes_by_parent(peer);
+            let from_peers: u64 = pieces
+                .iter()
+                .filter(|(parent, _)| parent.as_deref().is_some_and(|p| !p.ends_with("-seed")))
+                .map(|(_, l)| l)
+                .sum();
+            (i, from_peers, pieces.into_iter().map(|(p, _)| p).collect())
+        })
+        .collect();
+    eprintln!(
+        "bytes from other peers: {:?}",
+        shares
+            .iter()
+            .map(|(_, b, _)| b / MIB as u64)
+            .collect::<Vec<_>>()
+    );
+    for (i, peer) in swarm.peers.iter().enumerate() {
+        let pieces = bytes_by_parent(peer);
+        let total: u64 = pieces.iter().map(|(_, l)| l).sum();
+        assert_eq!(total, size as u64, "peer{i} holds every byte");
+        let from_peers: u64 = pieces
+            .iter()
+            .filter(|(parent, _)| parent.as_deref().is_some_and(|p| !p.ends_with("-seed")))
+            .map(|(_, l)| l)
+            .sum();
+        assert!(
+            from_peers * 2 >= size as u64,
+            "peer{i} got only {from_peers} of {size} bytes from other peers\n{}",
+            swarm.logs()
+        );
+    }
+    eprintln!("six peers, 256 MiB: {elapsed:?}, origin served {served} bytes");
+}
+
+#[test]
+fn peers_finish_when_a_parent_dies() {
+    // Slow peers so the kill lands mid-download.
+    let mut swarm = Swarm::start(5, "  bandwidthLimit: 24MiB\n");
+    let size = 64 * MIB;
+    let data = random(size);
+    let url = swarm.origin.put("kill.bin", data.clone());
+    let mut children = swarm.spawn_all(&url);
+    // Wait until peer0 holds pieces others can take, then kill it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let has = std::fs::read_dir(swarm.peers[0].data_dir().join("content").join("tasks"))
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false);
+        if has {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "peer0 never started\n{}",
+            swarm.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    swarm.peers[0].kill();
+    let killed = children.remove(0);
+    drop(killed);
+    for (i, child) in children.into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "peer{} failed: {}\n{}",
+            i + 1,
+            String::from_utf8_lossy(&out.stderr),
+            swarm.logs()
+        );
+        assert!(
+            same_file(&swarm.output(i + 1), &data),
+            "peer{} output differs",
+            i + 1
+        );
+    }
+}
+
+#[test]
+fn a_corrupt_parent_is_detected_reported_and_not_used_again() {
+    let swarm = Swarm::start(3, "");
+    let size = 32 * MIB;
+    let data = random(size);
+    let url = swarm.origin.put("corrupt.bin", data.clone());
+
+    // peer0 downloads, then its disk "rots": every piece it serves is now wrong.
+    let out = swarm.peers[0].dfget_output(&url, &swarm.output(0), &[]);
+    assert!(out.status.success(), "{}", swarm.logs());
+    let task_id = only_task_id(&swarm.peers[0]);
+    let content = swarm.peers[0]
+        .data_dir()
+        .join("content/tasks")
+        .join(&task_id[..3])
+        .join(&task_id);
+    let mut bytes = std::fs::read(&content).unwrap();
+    for b in bytes.iter_mut().step_by(4096) {
+        *b ^= 0xff;
+    }
+    std::fs::write(&content, &bytes).unwrap();
+    let corrupt_peer: Vec<String> = bytes_by_parent(&swarm.peers[0])
+        .into_iter()
+        .filter_map(|(p, _)| p)
+        .collect();
+    let _ = corrupt_peer;
+
+    // peer1 prefers a normal peer over the seed, meets the corruption, and recovers.
+    let out = swarm.peers[1].dfget_output(&url, &swarm.output(1), &[]);
+    assert!(out.status.success(), "{}", swarm.logs());
+    assert!(
+        same_file(&swarm.output(1), &data),
+        "peer1 output is corrupt"
+    );
+    let m1 = Daemon::http_get(swarm.peers[1].metrics_port, "/metrics").unwrap();
+    assert!(
+        metric(&m1, "dragonfly_dfdaemon_download_piece_failure_total") >= 1.0,
+        "peer1 never tried the corrupt parent, so the test proved nothing\n{}",
+        swarm.logs()
+    );
+    let peer0_host = "127.0.0.1-peer0-";
+    assert!(
+        bytes_by_parent(&swarm.peers[1])
+            .iter()
+            .all(|(p, _)| !p.as_deref().unwrap_or("").starts_with(peer0_host)),
+        "peer1 kept a piece from the corrupt parent"
+    );
+    let failures = metric(
+        &swarm.scheduler.metrics(),
+        "dragonfly_scheduler_download_piece_finished_failure_total",
+    );
+    assert!(
+        failures >= 1.0,
+        "the failure was not reported to the scheduler"
+    );
+
+    // peer2 is never offered peer0 again.
+    let out = swarm.peers[2].dfget_output(&url, &swarm.output(2), &[]);
+    assert!(out.status.success(), "{}", swarm.logs());
+    assert!(same_file(&swarm.output(2), &data));
+    let m2 = Daemon::http_get(swarm.peers[2].metrics_port, "/metrics").unwrap();
+    assert_eq!(
+        metric(&m2, "dragonfly_dfdaemon_download_piece_failure_total"),
+        0.0,
+        "peer2 was handed the corrupt parent\n{}",
+        swarm.logs()
+    );
+}
+
+#[test]
+fn peers_finish_when_the_scheduler_dies_and_register_when_it_returns() {
+    let mut swarm = Swarm::start(3, "  bandwidthLimit: 24MiB\n");
+    let size = 64 * MIB;
+    let data = random(size);
+    let url = swarm.origin.put("sched.bin", data.clone());
+    let children = swarm.spawn_all(&url);
+    std::thread::sleep(Duration::from_millis(800));
+    swarm.scheduler.kill();
+    wait_ok(children, &swarm);
+    for i in 0..3 {
+        assert!(same_file(&swarm.output(i), &data), "peer{i} output differs");
+    }
+
+    // The scheduler returns on the same port: the next download registers with it.
+    swarm.scheduler.restart().unwrap();
+    let again = random(8 * MIB);
+    let url2 = swarm.origin.put("after.bin", again.clone());
+    let out = swarm.peers[0].dfget_output(&url2, &swarm.dir.path().join("after"), &[]);
+    assert!(out.status.success(), "{}", swarm.logs());
+    assert!(same_file(&swarm.dir.path().join("after"), &again));
+    let registered = metric(
+        &swarm.scheduler.metrics(),
+        "dragonfly_scheduler_register_peer_total",
+    );
+    assert!(
+        registered >= 1.0,
+        "no registration after the restart\n{}",
+        swarm.logs()
+    );
+}
