@@ -11,6 +11,14 @@ use std::time::{Duration, Instant};
 
 const MIB: usize = 1024 * 1024;
 
+/// Swarm tests start up to eight processes each: run them one at a time also under plain
+/// `cargo test` (nextest already runs end-to-end tests serially).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 struct Swarm {
     origin: Origin,
     scheduler: Scheduler,
@@ -155,12 +163,12 @@ fn bytes_by_parent(daemon: &Daemon) -> Vec<(Option<String>, u64)> {
 /// The task ID of the content file a daemon stores (the tests download one file per daemon).
 fn only_task_id(daemon: &Daemon) -> String {
     let tasks = daemon.data_dir().join("content").join("tasks");
-    for prefix in std::fs::read_dir(&tasks).unwrap() {
-        for file in std::fs::read_dir(prefix.unwrap().path()).unwrap() {
-            return file.unwrap().file_name().to_string_lossy().into_owned();
-        }
-    }
-    panic!("no task in {}", tasks.display());
+    std::fs::read_dir(&tasks)
+        .unwrap()
+        .flat_map(|prefix| std::fs::read_dir(prefix.unwrap().path()).unwrap())
+        .map(|file| file.unwrap().file_name().to_string_lossy().into_owned())
+        .next()
+        .unwrap_or_else(|| panic!("no task in {}", tasks.display()))
 }
 
 fn metric(text: &str, name: &str) -> f64 {
@@ -172,6 +180,7 @@ fn metric(text: &str, name: &str) -> f64 {
 
 #[test]
 fn six_peers_share_one_origin_copy() {
+    let _serial = serial();
     let swarm = Swarm::start(6, "");
     let size = 256 * MIB;
     let data = random(size);
@@ -230,6 +239,7 @@ fn six_peers_share_one_origin_copy() {
 
 #[test]
 fn peers_finish_when_a_parent_dies() {
+    let _serial = serial();
     // Slow peers so the kill lands mid-download.
     let mut swarm = Swarm::start(5, "  bandwidthLimit: 24MiB\n");
     let size = 64 * MIB;
@@ -275,6 +285,7 @@ fn peers_finish_when_a_parent_dies() {
 
 #[test]
 fn a_corrupt_parent_is_detected_reported_and_not_used_again() {
+    let _serial = serial();
     let swarm = Swarm::start(3, "");
     let size = 32 * MIB;
     let data = random(size);
@@ -344,6 +355,7 @@ fn a_corrupt_parent_is_detected_reported_and_not_used_again() {
 
 #[test]
 fn peers_finish_when_the_scheduler_dies_and_register_when_it_returns() {
+    let _serial = serial();
     let mut swarm = Swarm::start(3, "  bandwidthLimit: 24MiB\n");
     let size = 64 * MIB;
     let data = random(size);

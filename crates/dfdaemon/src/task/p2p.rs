@@ -39,7 +39,7 @@ use tracing::{debug, info, warn};
 /// Pieces in flight from one parent.
 const PER_PARENT_CAP: usize = 4;
 /// Pieces in flight from a seed peer while other parents are connected.
-const SEED_SHARE_CAP: usize = 2;
+const SEED_SHARE_CAP: usize = 1;
 /// Failed pieces before a parent is dropped for this task.
 const PARENT_FAILURE_LIMIT: u32 = 3;
 /// How often a downloading peer asks the scheduler for a fresher parent set.
@@ -79,11 +79,13 @@ pub(super) async fn download(
         }
     };
     let content_length = probe.as_ref().and_then(|p| p.stat.content_length);
-    if probe.is_some() && (content_length.is_none() || bypasses_scheduler(plan, content_length)) {
+    let probe = match probe {
         // Unknown length (cannot be laid out in pieces for peers) or a small file.
-        let probe = probe.expect("checked above");
-        return from_source(mgr, run, plan, None, probe, content_length).await;
-    }
+        Some(p) if content_length.is_none() || bypasses_scheduler(plan, content_length) => {
+            return from_source(mgr, run, plan, None, p, content_length).await;
+        }
+        other => other,
+    };
 
     let peer_id = schedulers.host().identity.peer_id();
     let piece_length =
