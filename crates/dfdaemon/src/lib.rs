@@ -205,7 +205,9 @@ pub async fn run_with(
     tasks.spawn(async move {
         tonic::transport::Server::builder()
             .add_service(upload_service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(upload))
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(upload).with_nodelay(Some(true)),
+            )
             .await
             .map_err(|e| DaemonError::Server {
                 what: "upload gRPC",

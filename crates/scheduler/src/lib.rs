@@ -82,9 +82,9 @@ pub async fn run(
         tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(scheduler)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
-                grpc_listener,
-            ))
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+            )
             .await
             .map_err(|e| SchedulerError::Server {
                 what: "gRPC",

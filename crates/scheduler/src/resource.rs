@@ -506,7 +506,9 @@ impl Resources {
             disable_shared: host.is_some_and(|h| h.proto.disable_shared),
             in_degree: parent.parents.len() as u32,
             finished_pieces: parent.pieces.len(),
-            bad: parent.corrupt || parent.is_bad_by_costs(),
+            // Slow downloads only say something about a parent still downloading; a
+            // finished one serves from disk.
+            bad: parent.corrupt || (parent.state == PeerState::Running && parent.is_bad_by_costs()),
             stats: ParentStats {
                 is_seed: host.is_some_and(|h| h.is_seed),
                 active: matches!(parent.state, PeerState::Succeeded | PeerState::BackToSource)

@@ -363,7 +363,7 @@ impl Service {
         }
         st.notify(task_id);
         if let Some(stream) = st.streams.get(peer_id) {
-            debug!(peer_id, description, "sending the peer back to source");
+            info!(peer_id, description, "sending the peer back to source");
             let _ = stream.tx.try_send(Ok(AnnouncePeerResponse {
                 response: Some(Reply::NeedBackToSourceResponse(NeedBackToSourceResponse {
                     description: Some(description.to_string()),

@@ -5,8 +5,10 @@
 mod daemon;
 mod origin;
 
+pub mod swarm;
 pub use daemon::{bin_path, free_port, Daemon, DaemonOptions, Scheduler};
 pub use origin::{Origin, OriginOptions};
+pub use swarm::Swarm;
 
 /// Deterministic pseudo-random content of `len` bytes.
 pub fn content(len: usize, seed: u64) -> Vec<u8> {

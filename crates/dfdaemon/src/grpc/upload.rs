@@ -171,9 +171,12 @@ impl DfdaemonUpload for UploadService {
                 tokio::time::Instant,
                 d7y_storage::PieceMeta,
             )> = std::collections::VecDeque::new();
+            // A child arriving after the seed finished gets everything at once; one that
+            // was there while pieces arrived keeps getting non-designated ones late, also
+            // after the seed finishes, so it keeps taking them from its other parents.
+            let finished_at_start = watch.borrow().outcome.is_some();
             loop {
                 let state = watch.borrow_and_update().clone();
-                let finished = state.outcome.is_some();
                 for piece in &state.pieces[sent..] {
                     if let Some(w) = &mut wanted {
                         if !w.remove(&piece.number) {
@@ -181,7 +184,7 @@ impl DfdaemonUpload for UploadService {
                         }
                     }
                     let first = match &slot {
-                        Some(slot) if !finished => {
+                        Some(slot) if !finished_at_start => {
                             slot.owner.designated(&task_id, piece.number, slot.id)
                         }
                         _ => true,
@@ -199,10 +202,7 @@ impl DfdaemonUpload for UploadService {
                 }
                 sent = state.pieces.len();
                 let now = tokio::time::Instant::now();
-                while deferred
-                    .front()
-                    .is_some_and(|(due, _)| finished || *due <= now)
-                {
+                while deferred.front().is_some_and(|(due, _)| *due <= now) {
                     let (_, piece) = deferred.pop_front().expect("non-empty");
                     if tx.send(Ok(message(&piece))).await.is_err() {
                         return;
@@ -212,7 +212,8 @@ impl DfdaemonUpload for UploadService {
                     return;
                 }
                 match &state.outcome {
-                    Some(Ok(())) => return,
+                    Some(Ok(())) if deferred.is_empty() => return,
+                    Some(Ok(())) => {}
                     Some(Err(err)) => {
                         let _ = tx.send(Err(err.to_status())).await;
                         return;
@@ -220,8 +221,9 @@ impl DfdaemonUpload for UploadService {
                     None => {}
                 }
                 let next_due = deferred.front().map(|(due, _)| *due);
+                let done = state.outcome.is_some();
                 tokio::select! {
-                    changed = watch.changed() => if changed.is_err() { return },
+                    changed = watch.changed(), if !done => if changed.is_err() { return },
                     _ = async {
                         match next_due {
                             Some(due) => tokio::time::sleep_until(due).await,

@@ -323,24 +323,30 @@ enum FetchError {
 }
 
 /// Something a parent's background stream learnt.
+/// Events carry the parent's incarnation (`generation`): a parent dropped and added again
+/// gets new streams, and late events of the old ones are ignored.
 enum ParentEvent {
     Available {
         parent: String,
+        generation: u64,
         number: u32,
         addr: Option<SocketAddr>,
     },
     SyncEnded {
         parent: String,
+        generation: u64,
         error: Option<String>,
     },
     Idle {
         parent: String,
+        generation: u64,
         idle_bps: u64,
     },
 }
 
 struct Parent {
     id: String,
+    generation: u64,
     is_seed: bool,
     piece_addr: Option<SocketAddr>,
     available: HashSet<u32>,
@@ -381,6 +387,7 @@ struct Engine<'a> {
     concurrency: usize,
     scheduler_alive: bool,
     waiting_for_parents: bool,
+    next_generation: u64,
     last_progress: Instant,
     fetches: FuturesUnordered<Fetch<'a>>,
 }
@@ -425,6 +432,7 @@ impl<'a> Engine<'a> {
             concurrency: mgr.config.download.concurrent_piece_count.max(1) as usize,
             scheduler_alive: true,
             waiting_for_parents: false,
+            next_generation: 0,
             last_progress: Instant::now(),
             fetches: FuturesUnordered::new(),
         }
@@ -453,19 +461,21 @@ impl<'a> Engine<'a> {
                 _ => format!("http://{}:{}", host.ip, host.port),
             };
             debug!(task_id = self.plan.task_id, parent = peer.id, "new parent");
+            self.next_generation += 1;
+            let generation = self.next_generation;
             let tasks = vec![
                 tokio::spawn(sync_pieces(
                     upload.clone(),
                     self.host_id.clone(),
                     self.plan.task_id.clone(),
-                    peer.id.clone(),
+                    (peer.id.clone(), generation),
                     self.missing(),
                     self.events_tx.clone(),
                 )),
                 tokio::spawn(sync_host(
                     upload,
                     self.host_id.clone(),
-                    peer.id.clone(),
+                    (peer.id.clone(), generation),
                     self.events_tx.clone(),
                 )),
             ];
@@ -473,6 +483,7 @@ impl<'a> Engine<'a> {
                 peer.id.clone(),
                 Parent {
                     id: peer.id.clone(),
+                    generation,
                     is_seed: host.r#type != 0,
                     piece_addr,
                     available: HashSet::new(),
@@ -632,15 +643,11 @@ impl<'a> Engine<'a> {
         if !self.scheduler_alive || self.waiting_for_parents {
             return;
         }
+        // Only parents that failed us are reported (and blocklisted); a parent that has
+        // told us all it has is not at fault.
         let failed: Vec<Peer> = self
             .failed
             .iter()
-            .chain(
-                self.parents
-                    .iter()
-                    .filter(|(_, p)| p.sync_done)
-                    .map(|(id, _)| id),
-            )
             .map(|id| Peer {
                 id: id.clone(),
                 ..Default::default()
@@ -731,32 +738,34 @@ impl<'a> Engine<'a> {
     }
 
     fn on_parent_event(&mut self, event: ParentEvent) {
-        match event {
+        let (parent, generation) = match &event {
             ParentEvent::Available {
-                parent,
-                number,
-                addr,
-            } => {
-                if let Some(p) = self.parents.get_mut(&parent) {
-                    p.available.insert(number);
-                    if let Some(addr) = addr {
-                        p.piece_addr = Some(addr);
-                    }
+                parent, generation, ..
+            }
+            | ParentEvent::SyncEnded {
+                parent, generation, ..
+            }
+            | ParentEvent::Idle {
+                parent, generation, ..
+            } => (parent.clone(), *generation),
+        };
+        let Some(p) = self
+            .parents
+            .get_mut(&parent)
+            .filter(|p| p.generation == generation)
+        else {
+            return; // a parent since dropped or replaced
+        };
+        match event {
+            ParentEvent::Available { number, addr, .. } => {
+                p.available.insert(number);
+                if let Some(addr) = addr {
+                    p.piece_addr = Some(addr);
                 }
             }
-            ParentEvent::SyncEnded { parent, error } => match error {
-                Some(e) => self.drop_parent(&parent, &e),
-                None => {
-                    if let Some(p) = self.parents.get_mut(&parent) {
-                        p.sync_done = true;
-                    }
-                }
-            },
-            ParentEvent::Idle { parent, idle_bps } => {
-                if let Some(p) = self.parents.get_mut(&parent) {
-                    p.idle_bps = idle_bps;
-                }
-            }
+            ParentEvent::SyncEnded { error: None, .. } => p.sync_done = true,
+            ParentEvent::SyncEnded { error: Some(e), .. } => self.drop_parent(&parent, &e),
+            ParentEvent::Idle { idle_bps, .. } => p.idle_bps = idle_bps,
         }
     }
 
@@ -836,7 +845,7 @@ async fn sync_pieces(
     upload: String,
     host_id: String,
     task_id: String,
-    parent: String,
+    (parent, generation): (String, u64),
     interested: Vec<u32>,
     events: mpsc::Sender<ParentEvent>,
 ) {
@@ -869,6 +878,7 @@ async fn sync_pieces(
             if events
                 .send(ParentEvent::Available {
                     parent: parent.clone(),
+                    generation,
                     number: r.number,
                     addr,
                 })
@@ -884,6 +894,7 @@ async fn sync_pieces(
     let _ = events
         .send(ParentEvent::SyncEnded {
             parent,
+            generation,
             error: result.err(),
         })
         .await;
@@ -894,7 +905,7 @@ async fn sync_pieces(
 async fn sync_host(
     upload: String,
     host_id: String,
-    parent: String,
+    (parent, generation): (String, u64),
     events: mpsc::Sender<ParentEvent>,
 ) {
     let Ok(endpoint) = tonic::transport::Endpoint::from_shared(upload) else {
@@ -921,6 +932,7 @@ async fn sync_host(
         if events
             .send(ParentEvent::Idle {
                 parent: parent.clone(),
+                generation,
                 idle_bps: idle,
             })
             .await
