@@ -254,3 +254,36 @@ fn peers_finish_when_the_scheduler_dies_and_register_when_it_returns() {
         swarm.logs()
     );
 }
+
+#[test]
+fn an_unreachable_scheduler_means_back_to_source_or_a_clear_error() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let origin = d7y_testkit::Origin::start(d7y_testkit::OriginOptions::default());
+    let dead = format!("127.0.0.1:{}", d7y_testkit::free_port());
+    let peer = Daemon::start_opts(
+        &dir.path().join("peer"),
+        &d7y_testkit::DaemonOptions {
+            hostname: Some("lonely".into()),
+            schedulers: vec![dead],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let data = random(12 * MIB);
+    let url = origin.put("alone.bin", data.clone());
+    let out = dir.path().join("out");
+    let result = peer.dfget_output(&url, &out, &[]);
+    assert!(result.status.success(), "{}", peer.log());
+    assert!(same_file(&out, &data));
+    assert!(origin.bytes_served() <= data.len() as u64 + 16);
+
+    let url = origin.put("never.bin", random(12 * MIB));
+    let out = dir.path().join("never");
+    let result = peer.dfget_output(&url, &out, &["--disable-back-to-source"]);
+    assert!(!result.status.success());
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(stderr.contains("scheduler"), "unclear error: {stderr}");
+    eprintln!("dfget said: {stderr}");
+    assert!(!out.exists(), "nothing may be left at the output path");
+}
