@@ -48,12 +48,18 @@ pub struct DaemonOptions {
     pub schedulers: Vec<String>,
     /// Run as a seed peer.
     pub seed: bool,
+    /// The address to listen on and announce; 127.0.0.1 by default.
+    pub ip: Option<String>,
+    /// Run inside this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
 }
 
 /// A running dfdaemon; killed when dropped.
 pub struct Daemon {
     pub dir: PathBuf,
     pub dynconfig: Option<PathBuf>,
+    pub ip: String,
+    pub netns: Option<String>,
     pub socket: PathBuf,
     pub config: PathBuf,
     pub piece_port: u16,
@@ -91,6 +97,10 @@ impl Daemon {
         }
         let extra_yaml = extra.as_str();
         let hostname = options.hostname.as_deref().unwrap_or("test");
+        let ip = options
+            .ip
+            .clone()
+            .unwrap_or_else(|| "127.0.0.1".to_string());
         std::fs::create_dir_all(dir)?;
         let dynconfig = if options.schedulers.is_empty() {
             None
@@ -111,12 +121,12 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "host:\n  ip: 127.0.0.1\n  hostname: {hostname}\n\
+                "host:\n  ip: {ip}\n  hostname: {hostname}\n\
                  download:\n  server:\n    socketPath: {socket}\n{download_yaml}\
-                 upload:\n  server:\n    ip: 127.0.0.1\n    port: {upload_port}\n\
-                 storage:\n  dir: {data}\n  server:\n    ip: 127.0.0.1\n    tcpPort: {piece_port}\n\
-                 metrics:\n  server:\n    ip: 127.0.0.1\n    port: {metrics_port}\n\
-                 health:\n  server:\n    ip: 127.0.0.1\n    port: {health_port}\n{extra_yaml}",
+                 upload:\n  server:\n    ip: {ip}\n    port: {upload_port}\n\
+                 storage:\n  dir: {data}\n  server:\n    ip: {ip}\n    tcpPort: {piece_port}\n\
+                 metrics:\n  server:\n    ip: {ip}\n    port: {metrics_port}\n\
+                 health:\n  server:\n    ip: {ip}\n    port: {health_port}\n{extra_yaml}",
                 socket = socket.display(),
                 data = dir.join("data").display(),
             ),
@@ -124,6 +134,8 @@ impl Daemon {
         let mut daemon = Daemon {
             dir: dir.to_path_buf(),
             dynconfig,
+            ip,
+            netns: options.netns.clone(),
             socket,
             config,
             piece_port,
@@ -142,7 +154,14 @@ impl Daemon {
             .create(true)
             .append(true)
             .open(self.dir.join("dfdaemon.log"))?;
-        let mut command = Command::new(bin_path("dfdaemon"));
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin_path("dfdaemon"));
+                c
+            }
+            None => Command::new(bin_path("dfdaemon")),
+        };
         if let Some(dynconfig) = &self.dynconfig {
             command.arg("--dynconfig").arg(dynconfig);
         }
@@ -159,7 +178,7 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
-                && std::net::TcpStream::connect(("127.0.0.1", self.piece_port)).is_ok()
+                && std::net::TcpStream::connect((self.ip.as_str(), self.piece_port)).is_ok()
             {
                 return Ok(());
             }
@@ -227,6 +246,7 @@ impl Drop for Daemon {
 
 /// A running scheduler; killed when dropped.
 pub struct Scheduler {
+    pub ip: String,
     pub dir: PathBuf,
     pub config: PathBuf,
     pub port: u16,
@@ -251,17 +271,32 @@ impl Scheduler {
         seed_upload_ports: &[u16],
         extra_yaml: &str,
     ) -> anyhow::Result<Scheduler> {
+        let seeds: Vec<(String, u16)> = seed_upload_ports
+            .iter()
+            .map(|p| ("127.0.0.1".to_string(), *p))
+            .collect();
+        Scheduler::start_on(dir, "127.0.0.1", port, &seeds, extra_yaml)
+    }
+
+    /// A scheduler listening on `ip:port` with seed peers at `(ip, upload port)`.
+    pub fn start_on(
+        dir: &Path,
+        ip: &str,
+        port: u16,
+        seed_peers: &[(String, u16)],
+        extra_yaml: &str,
+    ) -> anyhow::Result<Scheduler> {
         std::fs::create_dir_all(dir)?;
         let metrics_port = free_port();
-        let seeds: String = seed_upload_ports
+        let seeds: String = seed_peers
             .iter()
-            .map(|p| format!("  - ip: 127.0.0.1\n    port: {p}\n"))
+            .map(|(ip, p)| format!("  - ip: {ip}\n    port: {p}\n"))
             .collect();
         let config = dir.join("scheduler.yaml");
         std::fs::write(
             &config,
             format!(
-                "server:\n  listenIP: 127.0.0.1\n  port: {port}\n\
+                "server:\n  listenIP: {ip}\n  port: {port}\n\
                  metrics:\n  addr: 127.0.0.1:{metrics_port}\n\
                  seedPeers:\n{seeds}{extra_yaml}",
                 seeds = if seeds.is_empty() {
@@ -272,6 +307,7 @@ impl Scheduler {
             ),
         )?;
         let mut s = Scheduler {
+            ip: ip.to_string(),
             dir: dir.to_path_buf(),
             config,
             port,
@@ -283,7 +319,7 @@ impl Scheduler {
     }
 
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.ip, self.port)
     }
 
     /// (Re)starts the process and waits until its port answers.
@@ -304,7 +340,7 @@ impl Scheduler {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            if std::net::TcpStream::connect((self.ip.as_str(), self.port)).is_ok() {
                 return Ok(());
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait()? {

@@ -19,6 +19,8 @@ pub struct OriginOptions {
     pub range: bool,
     /// Bytes per second per response, if throttled.
     pub rate: Option<u64>,
+    /// Address to bind; 127.0.0.1 by default.
+    pub ip: Option<std::net::IpAddr>,
 }
 
 impl Default for OriginOptions {
@@ -26,6 +28,7 @@ impl Default for OriginOptions {
         OriginOptions {
             range: true,
             rate: None,
+            ip: None,
         }
     }
 }
@@ -66,7 +69,10 @@ impl Origin {
             .route("/auth/{name}", get(auth_file))
             .with_state(shared.clone());
         let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .block_on(tokio::net::TcpListener::bind((
+                options.ip.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1])),
+                0,
+            )))
             .expect("bind origin");
         let addr = listener.local_addr().expect("origin addr");
         runtime.spawn(async move { axum::serve(listener, app).await });

@@ -40,6 +40,7 @@ fn sync_pieces_streams_pieces_while_downloading() {
     let origin = Origin::start(OriginOptions {
         range: true,
         rate: Some(16 * MIB as u64),
+        ..Default::default()
     });
     let size = 40 * MIB;
     let data = content(size, 3);

@@ -34,7 +34,10 @@ fn sizes_are_byte_identical_with_and_without_range_support() {
     std::fs::create_dir_all(&out_dir).unwrap();
     let sizes = [0, 1, 4 * MIB - 1, 4 * MIB + 1, 100 * MIB];
     for range in [true, false] {
-        let origin = Origin::start(OriginOptions { range, rate: None });
+        let origin = Origin::start(OriginOptions {
+            range,
+            ..Default::default()
+        });
         for (i, &size) in sizes.iter().enumerate() {
             let data = content(size, i as u64 + 100 * range as u64);
             let url = origin.put(&format!("f{size}"), data.clone());
@@ -88,6 +91,7 @@ fn killed_daemon_resumes_and_fetches_only_missing_pieces() {
     let origin = Origin::start(OriginOptions {
         range: true,
         rate: Some(24 * MIB as u64),
+        ..Default::default()
     });
     let size = 64 * MIB;
     let data = content(size, 7);
@@ -352,6 +356,7 @@ fn concurrent_requests_for_one_task_share_one_download() {
     let origin = Origin::start(OriginOptions {
         range: true,
         rate: Some(64 * MIB as u64),
+        ..Default::default()
     });
     let size = 32 * MIB;
     let data = content(size, 21);
