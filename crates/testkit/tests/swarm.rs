@@ -287,3 +287,39 @@ fn an_unreachable_scheduler_means_back_to_source_or_a_clear_error() {
     eprintln!("dfget said: {stderr}");
     assert!(!out.exists(), "nothing may be left at the output path");
 }
+
+#[test]
+fn files_of_one_piece_bypass_the_scheduler() {
+    let _serial = serial();
+    let swarm = Swarm::start(1, "");
+    let small = random(3 * MIB);
+    let url = swarm.origin.put("small.bin", small.clone());
+    let out = swarm.output(0);
+    let result = swarm.peers[0].dfget_output(&url, &out, &[]);
+    assert!(result.status.success(), "{}", swarm.logs());
+    assert!(same_file(&out, &small));
+    let registered = metric(
+        &swarm.scheduler.metrics(),
+        "dragonfly_scheduler_register_peer_total",
+    );
+    assert_eq!(
+        registered, 0.0,
+        "a one-piece file went through the scheduler"
+    );
+
+    // A larger one registers (the peer, then the seed peer it triggers).
+    let big = random(5 * MIB);
+    let url = swarm.origin.put("big.bin", big.clone());
+    let out = swarm.dir.path().join("big");
+    let result = swarm.peers[0].dfget_output(&url, &out, &[]);
+    assert!(result.status.success(), "{}", swarm.logs());
+    assert!(same_file(&out, &big));
+    let registered = metric(
+        &swarm.scheduler.metrics(),
+        "dragonfly_scheduler_register_peer_total",
+    );
+    assert!(
+        registered >= 2.0,
+        "expected the peer and the seed to register, got {registered}"
+    );
+}

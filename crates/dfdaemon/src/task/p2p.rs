@@ -136,7 +136,7 @@ pub(super) async fn download(
                 .unwrap_or_default();
             let mut prepared =
                 source::prepare(mgr, run, plan, Some(content_length), header).await?;
-            let mut engine = Engine::new(mgr, run, plan, &prepared, announce.clone(), peer_id);
+            let mut engine = Engine::new(mgr, run, plan, &prepared, announce.clone());
             engine.set_parents(candidate_parents);
             match engine.run(&mut responses).await {
                 Ok(()) => {
@@ -399,7 +399,6 @@ impl<'a> Engine<'a> {
         plan: &'a DownloadPlan,
         prepared: &Prepared,
         announce: Announce,
-        _peer_id: String,
     ) -> Engine<'a> {
         let layout = PieceLayout::new(
             prepared.content_length.unwrap_or(0),
