@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod piece_server;
 pub mod ratelimit;
 pub mod scheduler;
+pub mod superseed;
 pub mod task;
 
 use d7y_backend::{HttpBackend, RetryPolicy};
@@ -157,7 +158,11 @@ pub async fn run_with(
     } else {
         config.upload.concurrent_upload_limit
     };
+    let super_seed = config
+        .is_seed_peer()
+        .then(|| Arc::new(superseed::SuperSeed::default()));
     let provider = Arc::new(piece_server::StoragePieces {
+        super_seed: super_seed.clone(),
         storage: storage.clone(),
         metrics: metrics.clone(),
         traffic: traffic.clone(),
@@ -188,7 +193,7 @@ pub async fn run_with(
         manager: manager.clone(),
         host: host.clone(),
         traffic: traffic.clone(),
-        super_seed: Arc::default(),
+        super_seed: super_seed.clone(),
     });
 
     let mut tasks = tokio::task::JoinSet::new();

@@ -20,6 +20,8 @@ pub struct StoragePieces {
     pub slots: Arc<Semaphore>,
     pub disable_shared: bool,
     pub buffer_size: usize,
+    /// Seed peers: told which pieces children asked for.
+    pub super_seed: Option<Arc<crate::superseed::SuperSeed>>,
 }
 
 struct UploadGuard {
@@ -38,6 +40,9 @@ impl PieceProvider for StoragePieces {
     async fn open(&self, task_id: &str, number: u32) -> Result<OpenedPiece, ServeError> {
         if self.disable_shared {
             return Err(ServeError::not_found("this peer does not share its tasks"));
+        }
+        if let Some(seed) = &self.super_seed {
+            seed.served(task_id, number);
         }
         let fail = |e: ServeError| {
             self.metrics

@@ -625,7 +625,7 @@ impl Resources {
                 };
                 let gives = other.pieces.count_missing_from(&me.pieces);
                 let takes = me.pieces.count_missing_from(&other.pieces);
-                if gives == 0 || gives < takes {
+                if gives == 0 {
                     continue;
                 }
                 let mut cut = Vec::new();

@@ -5,6 +5,7 @@
 mod daemon;
 mod origin;
 
+pub mod netns;
 pub mod swarm;
 pub use daemon::{bin_path, free_port, Daemon, DaemonOptions, Scheduler};
 pub use origin::{Origin, OriginOptions};

@@ -108,7 +108,7 @@ pub fn bytes_by_parent(daemon: &Daemon) -> Vec<(Option<String>, u64)> {
     rt.block_on(async {
         let task_id = only_task_id(daemon);
         let mut client =
-            DfdaemonUploadClient::connect(format!("http://127.0.0.1:{}", daemon.upload_port))
+            DfdaemonUploadClient::connect(format!("http://{}:{}", daemon.ip, daemon.upload_port))
                 .await
                 .unwrap();
         let task = client

@@ -3,110 +3,15 @@
 //! origin and the scheduler. Needs root (it creates namespaces, links and qdiscs) and cleans
 //! up everything it made, also when an assertion fails.
 
+use d7y_testkit::netns::{Hosts, SUBNET_GW};
 use d7y_testkit::{free_port, Daemon, DaemonOptions, Origin, OriginOptions, Scheduler};
 use std::process::Command;
 
 const MIB: usize = 1024 * 1024;
-const SUBNET_GW: &str = "10.200.0.1";
-
-fn run(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new(args[0]).args(&args[1..]).output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
-/// N emulated hosts `10.200.0.11..` on a private bridge; torn down on drop.
-struct Hosts {
-    bridge: String,
-    names: Vec<String>,
-}
-
-impl Hosts {
-    fn up(n: usize, rate: &str) -> anyhow::Result<Hosts> {
-        let tag = format!("{:04x}", std::process::id() & 0xffff);
-        let mut hosts = Hosts {
-            bridge: format!("d7b{tag}"),
-            names: Vec::new(),
-        };
-        let b = hosts.bridge.clone();
-        run(&["ip", "link", "add", &b, "type", "bridge"])?;
-        run(&["ip", "addr", "add", &format!("{SUBNET_GW}/24"), "dev", &b])?;
-        run(&["ip", "link", "set", &b, "up"])?;
-        for i in 1..=n {
-            let ns = format!("d7n{tag}{i}");
-            let veth = format!("d7v{tag}{i}");
-            run(&["ip", "netns", "add", &ns])?;
-            hosts.names.push(ns.clone());
-            run(&[
-                "ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-            ])?;
-            run(&["ip", "link", "set", &veth, "master", &b, "up"])?;
-            run(&[
-                "ip",
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("10.200.0.{}/24", 10 + i),
-                "dev",
-                "eth0",
-            ])?;
-            run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
-            run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
-            run(&["ip", "-n", &ns, "route", "add", "default", "via", SUBNET_GW])?;
-            // Upload shaped inside the host, download on the bridge side.
-            run(&[
-                "ip", "netns", "exec", &ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf",
-                "rate", rate, "burst", "256kb", "latency", "50ms",
-            ])?;
-            run(&[
-                "tc", "qdisc", "add", "dev", &veth, "root", "tbf", "rate", rate, "burst", "256kb",
-                "latency", "50ms",
-            ])?;
-        }
-        Ok(hosts)
-    }
-
-    fn ip(&self, i: usize) -> String {
-        format!("10.200.0.{}", 11 + i)
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        for ns in &self.names {
-            if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
-                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                    let _ = Command::new("kill").args(["-9", pid]).status();
-                }
-            }
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .status();
-    }
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
 
 #[test]
 fn three_peers_on_emulated_hosts_get_identical_files_from_one_origin_copy() {
-    if !is_root() {
+    if !d7y_testkit::netns::is_root() {
         eprintln!("SKIPPED: network namespaces need root");
         return;
     }
@@ -115,7 +20,11 @@ fn three_peers_on_emulated_hosts_get_identical_files_from_one_origin_copy() {
         !String::from_utf8_lossy(&in_use.stdout).contains(&format!("{SUBNET_GW}/24")),
         "10.200.0.1/24 is already configured (a leftover of netns.sh?); remove it first"
     );
-    let hosts = match Hosts::up(4, "200mbit") {
+    let hosts = match Hosts::up(
+        &format!("d7t{:04x}", std::process::id() & 0xffff),
+        4,
+        "200mbit",
+    ) {
         Ok(h) => h,
         // A container without CAP_NET_ADMIN: report, do not pretend.
         Err(e) if e.to_string().contains("Operation not permitted") => {

@@ -21,65 +21,8 @@ pub struct UploadService {
     pub manager: Arc<TaskManager>,
     pub host: Arc<HostInfo>,
     pub traffic: Arc<Traffic>,
-    /// Children syncing each task (seed peers only): who hears of a new piece first.
-    pub super_seed: Arc<SuperSeed>,
-}
-
-/// How long a seed peer keeps a fresh piece to the one child it designated, before offering
-/// it to every child. Meanwhile the other children take it from that child: the seed's upload
-/// goes to distinct pieces (super-seeding) instead of the same piece N times.
-pub const SUPER_SEED_DELAY: Duration = Duration::from_millis(3000);
-
-/// The children syncing each task from this seed peer, in arrival order.
-#[derive(Default)]
-pub struct SuperSeed {
-    children: std::sync::Mutex<std::collections::HashMap<String, Vec<u64>>>,
-    next: std::sync::atomic::AtomicU64,
-}
-
-impl SuperSeed {
-    fn join(self: &Arc<Self>, task_id: &str) -> SuperSeedSlot {
-        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.children
-            .lock()
-            .expect("super seed")
-            .entry(task_id.to_string())
-            .or_default()
-            .push(id);
-        SuperSeedSlot {
-            owner: self.clone(),
-            task_id: task_id.to_string(),
-            id,
-        }
-    }
-
-    /// Whether piece `number` goes to child `id` first: pieces are dealt round-robin.
-    fn designated(&self, task_id: &str, number: u32, id: u64) -> bool {
-        let children = self.children.lock().expect("super seed");
-        match children.get(task_id) {
-            Some(c) if !c.is_empty() => c[number as usize % c.len()] == id,
-            _ => true,
-        }
-    }
-}
-
-/// A child's place in [`SuperSeed`]; leaves when dropped.
-struct SuperSeedSlot {
-    owner: Arc<SuperSeed>,
-    task_id: String,
-    id: u64,
-}
-
-impl Drop for SuperSeedSlot {
-    fn drop(&mut self) {
-        let mut children = self.owner.children.lock().expect("super seed");
-        if let Some(c) = children.get_mut(&self.task_id) {
-            c.retain(|x| *x != self.id);
-            if c.is_empty() {
-                children.remove(&self.task_id);
-            }
-        }
-    }
+    /// Seed peers only: who hears of a new piece first.
+    pub super_seed: Option<Arc<crate::superseed::SuperSeed>>,
 }
 
 #[tonic::async_trait]
@@ -154,7 +97,25 @@ impl DfdaemonUpload for UploadService {
         let ip = self.host.ip.to_string();
         let port = self.host.piece_port as i32;
         let (tx, rx) = mpsc::channel(256);
-        let slot = (self.host.host_type != 0).then(|| self.super_seed.join(&task_id));
+        // The child's place in the seed's round-robin, released when the stream ends.
+        struct Slot {
+            seed: Arc<crate::superseed::SuperSeed>,
+            task_id: String,
+            host_id: String,
+        }
+        impl Drop for Slot {
+            fn drop(&mut self) {
+                self.seed.leave(&self.task_id, &self.host_id);
+            }
+        }
+        let slot = self.super_seed.clone().map(|seed| {
+            seed.join(&task_id, &request.host_id);
+            Slot {
+                seed,
+                task_id: task_id.clone(),
+                host_id: request.host_id.clone(),
+            }
+        });
         tokio::spawn(async move {
             let message = |piece: &d7y_storage::PieceMeta| SyncPiecesResponse {
                 number: piece.number,
@@ -166,15 +127,8 @@ impl DfdaemonUpload for UploadService {
             };
             let mut watch = run.subscribe();
             let mut sent = 0usize;
-            // Pieces held back for other children first, with when they are due.
-            let mut deferred: std::collections::VecDeque<(
-                tokio::time::Instant,
-                d7y_storage::PieceMeta,
-            )> = std::collections::VecDeque::new();
-            // A child arriving after the seed finished gets everything at once; one that
-            // was there while pieces arrived keeps getting non-designated ones late, also
-            // after the seed finishes, so it keeps taking them from its other parents.
-            let finished_at_start = watch.borrow().outcome.is_some();
+            // Pieces held back for other children first (seed peers only).
+            let mut deferred: Vec<d7y_storage::PieceMeta> = Vec::new();
             loop {
                 let state = watch.borrow_and_update().clone();
                 for piece in &state.pieces[sent..] {
@@ -183,28 +137,32 @@ impl DfdaemonUpload for UploadService {
                             continue;
                         }
                     }
-                    let first = match &slot {
-                        Some(slot) if !finished_at_start => {
-                            slot.owner.designated(&task_id, piece.number, slot.id)
-                        }
-                        _ => true,
-                    };
-                    if !first {
-                        deferred.push_back((
-                            tokio::time::Instant::now() + SUPER_SEED_DELAY,
-                            piece.clone(),
-                        ));
-                        continue;
-                    }
-                    if tx.send(Ok(message(piece))).await.is_err() {
-                        return;
-                    }
+                    deferred.push(piece.clone());
                 }
                 sent = state.pieces.len();
-                let now = tokio::time::Instant::now();
-                while deferred.front().is_some_and(|(due, _)| *due <= now) {
-                    let (_, piece) = deferred.pop_front().expect("non-empty");
-                    if tx.send(Ok(message(&piece))).await.is_err() {
+                // Send what may go now; remember the earliest release of the rest.
+                let now_secs = d7y_storage::now_secs();
+                let mut next_due: Option<std::time::Instant> = None;
+                let mut ready = Vec::new();
+                deferred.retain(|piece| {
+                    let release = slot.as_ref().and_then(|slot| {
+                        let age = Duration::from_secs(now_secs.saturating_sub(piece.created_at));
+                        slot.seed
+                            .release_at(&slot.task_id, &slot.host_id, piece.number, age)
+                    });
+                    match release {
+                        None => {
+                            ready.push(piece.clone());
+                            false
+                        }
+                        Some(at) => {
+                            next_due = Some(next_due.map_or(at, |n| n.min(at)));
+                            true
+                        }
+                    }
+                });
+                for piece in &ready {
+                    if tx.send(Ok(message(piece))).await.is_err() {
                         return;
                     }
                 }
@@ -220,13 +178,17 @@ impl DfdaemonUpload for UploadService {
                     }
                     None => {}
                 }
-                let next_due = deferred.front().map(|(due, _)| *due);
                 let done = state.outcome.is_some();
+                // Held-back pieces are re-checked often: serving one releases it early.
+                let wake = next_due.map(|d| {
+                    tokio::time::Instant::from_std(d)
+                        .min(tokio::time::Instant::now() + Duration::from_millis(200))
+                });
                 tokio::select! {
                     changed = watch.changed(), if !done => if changed.is_err() { return },
                     _ = async {
-                        match next_due {
-                            Some(due) => tokio::time::sleep_until(due).await,
+                        match wake {
+                            Some(at) => tokio::time::sleep_until(at).await,
                             None => std::future::pending().await,
                         }
                     } => {}

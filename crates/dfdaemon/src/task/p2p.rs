@@ -380,6 +380,8 @@ struct Engine<'a> {
     remaining: usize,
     inflight: HashMap<u32, String>,
     parents: HashMap<String, Parent>,
+    /// Parents the scheduler took back, kept with what they hold and their connections.
+    retired: HashMap<String, Parent>,
     /// Parents that failed us: never reconnected, and reported on reschedule.
     failed: HashSet<String>,
     events_tx: mpsc::Sender<ParentEvent>,
@@ -425,6 +427,7 @@ impl<'a> Engine<'a> {
             remaining,
             inflight: HashMap::new(),
             parents: HashMap::new(),
+            retired: HashMap::new(),
             failed: HashSet::new(),
             events_tx,
             events_rx,
@@ -440,7 +443,24 @@ impl<'a> Engine<'a> {
     /// Replaces the parent set with the scheduler's latest answer.
     fn set_parents(&mut self, peers: Vec<Peer>) {
         let wanted: HashSet<String> = peers.iter().map(|p| p.id.clone()).collect();
-        self.parents.retain(|id, _| wanted.contains(id));
+        // Parents left out are retired, not forgotten: what they hold only grows, and their
+        // connections stay warm, so a parent handed back a moment later (edge reversals make
+        // that common) is usable at once instead of after a fresh piece sync.
+        let leaving: Vec<String> = self
+            .parents
+            .keys()
+            .filter(|id| !wanted.contains(*id))
+            .cloned()
+            .collect();
+        for id in leaving {
+            if let Some(mut p) = self.parents.remove(&id) {
+                for t in p.tasks.drain(..) {
+                    t.abort();
+                }
+                p.sync_done = false;
+                self.retired.insert(id, p);
+            }
+        }
         for peer in peers {
             if self.failed.contains(&peer.id) || self.parents.contains_key(&peer.id) {
                 continue;
@@ -459,9 +479,12 @@ impl<'a> Engine<'a> {
                 Some(std::net::IpAddr::V6(ip)) => format!("http://[{ip}]:{}", host.port),
                 _ => format!("http://{}:{}", host.ip, host.port),
             };
-            debug!(task_id = self.plan.task_id, parent = peer.id, "new parent");
             self.next_generation += 1;
             let generation = self.next_generation;
+            let known = self.retired.remove(&peer.id);
+            if known.is_none() {
+                debug!(task_id = self.plan.task_id, parent = peer.id, "new parent");
+            }
             let tasks = vec![
                 tokio::spawn(sync_pieces(
                     upload.clone(),
@@ -478,9 +501,14 @@ impl<'a> Engine<'a> {
                     self.events_tx.clone(),
                 )),
             ];
-            self.parents.insert(
-                peer.id.clone(),
-                Parent {
+            let parent = match known {
+                Some(mut p) => {
+                    p.generation = generation;
+                    p.tasks = tasks;
+                    p.piece_addr = p.piece_addr.or(piece_addr);
+                    p
+                }
+                None => Parent {
                     id: peer.id.clone(),
                     generation,
                     is_seed: host.r#type != 0,
@@ -493,7 +521,8 @@ impl<'a> Engine<'a> {
                     pool: Arc::default(),
                     tasks,
                 },
-            );
+            };
+            self.parents.insert(peer.id.clone(), parent);
         }
         self.waiting_for_parents = false;
     }
@@ -508,6 +537,7 @@ impl<'a> Engine<'a> {
     }
 
     fn drop_parent(&mut self, id: &str, why: &str) {
+        self.retired.remove(id);
         if self.parents.remove(id).is_some() {
             debug!(
                 task_id = self.plan.task_id,
@@ -775,7 +805,11 @@ impl<'a> Engine<'a> {
         result: Result<PieceMeta, FetchError>,
     ) -> Result<(), TaskError> {
         self.inflight.remove(&number);
-        if let Some(p) = self.parents.get_mut(parent_id) {
+        if let Some(p) = self
+            .parents
+            .get_mut(parent_id)
+            .or_else(|| self.retired.get_mut(parent_id))
+        {
             p.inflight = p.inflight.saturating_sub(1);
         }
         match result {

@@ -1,0 +1,151 @@
+//! Emulated hosts: network namespaces on a private bridge (10.200.0.0/24, the bridge is
+//! 10.200.0.1), each link shaped by tbf in both directions. Needs root. Everything created is
+//! removed on drop; `cleanup(prefix)` removes leftovers of a killed run.
+
+use std::process::Command;
+
+/// The bridge's address, reachable from every emulated host.
+pub const SUBNET_GW: &str = "10.200.0.1";
+
+pub fn run(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(args[0]).args(&args[1..]).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// N emulated hosts `10.200.0.11..` on a private bridge; torn down on drop.
+pub struct Hosts {
+    pub bridge: String,
+    /// Namespace names, host 0 first.
+    pub names: Vec<String>,
+}
+
+impl Hosts {
+    /// `n` hosts named `<prefix>n<i>` on bridge `<prefix>br` (keep the prefix short: link
+    /// names have at most 15 characters), each link shaped to `rate` (tc syntax, e.g.
+    /// `200mbit`) both ways.
+    pub fn up(prefix: &str, n: usize, rate: &str) -> anyhow::Result<Hosts> {
+        let tag = prefix;
+        let mut hosts = Hosts {
+            bridge: format!("{tag}br"),
+            names: Vec::new(),
+        };
+        let b = hosts.bridge.clone();
+        run(&["ip", "link", "add", &b, "type", "bridge"])?;
+        run(&["ip", "addr", "add", &format!("{SUBNET_GW}/24"), "dev", &b])?;
+        run(&["ip", "link", "set", &b, "up"])?;
+        for i in 1..=n {
+            let ns = format!("{tag}n{i}");
+            let veth = format!("{tag}v{i}");
+            run(&["ip", "netns", "add", &ns])?;
+            hosts.names.push(ns.clone());
+            run(&[
+                "ip", "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ])?;
+            run(&["ip", "link", "set", &veth, "master", &b, "up"])?;
+            run(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("10.200.0.{}/24", 10 + i),
+                "dev",
+                "eth0",
+            ])?;
+            run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+            run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+            run(&["ip", "-n", &ns, "route", "add", "default", "via", SUBNET_GW])?;
+            // Upload shaped inside the host, download on the bridge side.
+            run(&[
+                "ip", "netns", "exec", &ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf",
+                "rate", rate, "burst", "256kb", "latency", "50ms",
+            ])?;
+            run(&[
+                "tc", "qdisc", "add", "dev", &veth, "root", "tbf", "rate", rate, "burst", "256kb",
+                "latency", "50ms",
+            ])?;
+        }
+        Ok(hosts)
+    }
+
+    /// Address of host `i` (0-based).
+    pub fn ip(&self, i: usize) -> String {
+        format!("10.200.0.{}", 11 + i)
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for ns in &self.names {
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
+    }
+}
+
+impl Hosts {
+    /// A command run inside host `i`.
+    pub fn exec(&self, i: usize, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.names[i], program]);
+        c
+    }
+
+    /// Bytes host `i` has sent on its link.
+    pub fn tx_bytes(&self, i: usize) -> u64 {
+        std::fs::read_to_string(format!(
+            "/sys/class/net/{}v{}/statistics/rx_bytes",
+            self.bridge.trim_end_matches("br"),
+            i + 1
+        ))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+    }
+}
+
+/// Removes namespaces and the bridge left by a run with this prefix (killed before its
+/// drop ran).
+pub fn cleanup(prefix: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let ns = line.split_whitespace().next().unwrap_or("");
+            if ns.starts_with(&format!("{prefix}n")) {
+                if let Ok(p) = Command::new("ip").args(["netns", "pids", ns]).output() {
+                    for pid in String::from_utf8_lossy(&p.stdout).split_whitespace() {
+                        let _ = Command::new("kill").args(["-9", pid]).status();
+                    }
+                }
+                let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            }
+        }
+    }
+    let _ = Command::new("ip")
+        .args(["link", "del", &format!("{prefix}br")])
+        .status();
+}
+
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
