@@ -191,7 +191,7 @@ impl Default for Scheduling {
             retry_back_to_source_limit: 4,
             retry_limit: 5,
             retry_interval: Duration::from_millis(500),
-            candidate_parent_limit: 5,
+            candidate_parent_limit: 8,
             filter_parent_limit: 40,
             max_children_per_parent: 8,
             gc: SchedulerGc::default(),
