@@ -150,10 +150,6 @@ impl Daemon {
 
     /// (Re)starts the process with the same config and waits until its socket answers.
     pub fn restart(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("dfdaemon.log"))?;
         let mut command = match &self.netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -165,29 +161,13 @@ impl Daemon {
         if let Some(dynconfig) = &self.dynconfig {
             command.arg("--dynconfig").arg(dynconfig);
         }
-        let child = command
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--log-level")
-            .arg("debug")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("spawn dfdaemon")?;
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
+        command.arg("--config").arg(&self.config);
+        let child = spawn_until_ready("dfdaemon", command, &self.dir.join("dfdaemon.log"), || {
+            std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
                 && std::net::TcpStream::connect((self.ip.as_str(), self.piece_port)).is_ok()
-            {
-                return Ok(());
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait()? {
-                bail!("dfdaemon exited with {status}; log:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!("dfdaemon did not become ready; log:\n{}", self.log())
+        })?;
+        self.child = Some(child);
+        Ok(())
     }
 
     /// SIGKILLs the process (a crash, no cleanup).
@@ -324,31 +304,16 @@ impl Scheduler {
 
     /// (Re)starts the process and waits until its port answers.
     pub fn restart(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("scheduler.log"))?;
-        let child = Command::new(bin_path("scheduler"))
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--log-level")
-            .arg("debug")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("spawn scheduler")?;
+        let mut command = Command::new(bin_path("scheduler"));
+        command.arg("--config").arg(&self.config);
+        let child = spawn_until_ready(
+            "scheduler",
+            command,
+            &self.dir.join("scheduler.log"),
+            || std::net::TcpStream::connect((self.ip.as_str(), self.port)).is_ok(),
+        )?;
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if std::net::TcpStream::connect((self.ip.as_str(), self.port)).is_ok() {
-                return Ok(());
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait()? {
-                bail!("scheduler exited with {status}; log:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!("scheduler did not become ready; log:\n{}", self.log())
+        Ok(())
     }
 
     pub fn kill(&mut self) {
@@ -371,4 +336,39 @@ impl Drop for Scheduler {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Spawns `command` with debug logging appended to `log`, and waits up to 20 s until
+/// `ready()`; fails with the log when the process exits first or never becomes ready.
+fn spawn_until_ready(
+    what: &str,
+    mut command: Command,
+    log: &Path,
+    ready: impl Fn() -> bool,
+) -> anyhow::Result<Child> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let mut child = command
+        .arg("--log-level")
+        .arg("debug")
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .with_context(|| format!("spawn {what}"))?;
+    let read_log = || std::fs::read_to_string(log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if ready() {
+            return Ok(child);
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("{what} exited with {status}; log:\n{}", read_log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    bail!("{what} did not become ready; log:\n{}", read_log())
 }
