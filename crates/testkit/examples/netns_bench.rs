@@ -13,7 +13,7 @@
 //! `--out`; `scripts/plot_swarm.py` turns the JSON into PNG plots.
 
 use d7y_testkit::netns::{Hosts, SUBNET_GW};
-use d7y_testkit::swarm::bytes_by_parent;
+use d7y_testkit::swarm::bytes_by_source;
 use d7y_testkit::{bin_path, free_port, Daemon, DaemonOptions, Scheduler};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -237,15 +237,8 @@ fn run_dragonfly(
     let sources = peers
         .iter()
         .map(|p| {
-            let mut s = (0, 0, 0);
-            for (parent, len) in bytes_by_parent(p) {
-                match parent {
-                    None => s.0 += len,
-                    Some(id) if id.ends_with("-seed") => s.1 += len,
-                    Some(_) => s.2 += len,
-                }
-            }
-            s
+            let s = bytes_by_source(p);
+            (s.origin, s.seed, s.peers)
         })
         .collect();
     if let Ok(keep) = std::env::var("D7Y_KEEP_LOGS") {

@@ -7,7 +7,7 @@
 //! in-process origin on loopback; times one `curl` of the file, then N concurrent `dfget`s.
 //! Prints a Markdown table with medians.
 
-use d7y_testkit::swarm::bytes_by_parent;
+use d7y_testkit::swarm::bytes_by_source;
 use d7y_testkit::Swarm;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -58,15 +58,7 @@ fn main() {
         let min_share = swarm
             .peers
             .iter()
-            .map(|p| {
-                let pieces = bytes_by_parent(p);
-                let from_peers: u64 = pieces
-                    .iter()
-                    .filter(|(parent, _)| parent.as_deref().is_some_and(|x| !x.ends_with("-seed")))
-                    .map(|(_, l)| l)
-                    .sum();
-                from_peers as f64 / size as f64
-            })
+            .map(|p| bytes_by_source(p).peers as f64 / size as f64)
             .fold(f64::MAX, f64::min);
         eprintln!(
             "round {round}: {peers} peers {:.2}s, curl {:.2}s, origin {origin:.3}x, min peer share {:.0}%",

@@ -136,3 +136,32 @@ pub fn only_task_id(daemon: &Daemon) -> String {
         .next()
         .unwrap_or_else(|| panic!("no task in {}", tasks.display()))
 }
+
+/// Bytes a daemon holds for its only task, by where they came from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sources {
+    pub origin: u64,
+    /// From a seed peer (its peer ID ends in `-seed`).
+    pub seed: u64,
+    /// From normal peers.
+    pub peers: u64,
+}
+
+impl Sources {
+    pub fn total(&self) -> u64 {
+        self.origin + self.seed + self.peers
+    }
+}
+
+/// [`bytes_by_parent`] summed by source.
+pub fn bytes_by_source(daemon: &Daemon) -> Sources {
+    let mut s = Sources::default();
+    for (parent, len) in bytes_by_parent(daemon) {
+        match parent {
+            None => s.origin += len,
+            Some(id) if id.ends_with("-seed") => s.seed += len,
+            Some(_) => s.peers += len,
+        }
+    }
+    s
+}

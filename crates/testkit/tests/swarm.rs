@@ -1,7 +1,7 @@
 //! The P2P swarm on loopback: an instrumented origin, a scheduler, one seed peer and several
 //! peers, all real binaries.
 
-use d7y_testkit::swarm::{bytes_by_parent, only_task_id};
+use d7y_testkit::swarm::{bytes_by_parent, bytes_by_source, only_task_id, Sources};
 use d7y_testkit::{Daemon, Swarm};
 use rand::RngCore;
 use std::path::Path;
@@ -67,39 +67,20 @@ fn six_peers_share_one_origin_copy() {
         "origin served {served} bytes for a {size}-byte file\n{}",
         swarm.logs()
     );
-    let shares: Vec<(usize, u64, Vec<Option<String>>)> = swarm
-        .peers
-        .iter()
-        .enumerate()
-        .map(|(i, peer)| {
-            let pieces = bytes_by_parent(peer);
-            let from_peers: u64 = pieces
-                .iter()
-                .filter(|(parent, _)| parent.as_deref().is_some_and(|p| !p.ends_with("-seed")))
-                .map(|(_, l)| l)
-                .sum();
-            (i, from_peers, pieces.into_iter().map(|(p, _)| p).collect())
-        })
-        .collect();
+    let sources: Vec<Sources> = swarm.peers.iter().map(bytes_by_source).collect();
     eprintln!(
         "bytes from other peers: {:?}",
-        shares
+        sources
             .iter()
-            .map(|(_, b, _)| b / MIB as u64)
+            .map(|s| s.peers / MIB as u64)
             .collect::<Vec<_>>()
     );
-    for (i, peer) in swarm.peers.iter().enumerate() {
-        let pieces = bytes_by_parent(peer);
-        let total: u64 = pieces.iter().map(|(_, l)| l).sum();
-        assert_eq!(total, size as u64, "peer{i} holds every byte");
-        let from_peers: u64 = pieces
-            .iter()
-            .filter(|(parent, _)| parent.as_deref().is_some_and(|p| !p.ends_with("-seed")))
-            .map(|(_, l)| l)
-            .sum();
+    for (i, s) in sources.iter().enumerate() {
+        assert_eq!(s.total(), size as u64, "peer{i} holds every byte");
         assert!(
-            from_peers * 2 >= size as u64,
-            "peer{i} got only {from_peers} of {size} bytes from other peers\n{}",
+            s.peers * 2 >= size as u64,
+            "peer{i} got only {} of {size} bytes from other peers\n{}",
+            s.peers,
             swarm.logs()
         );
     }
@@ -174,11 +155,6 @@ fn a_corrupt_parent_is_detected_reported_and_not_used_again() {
         *b ^= 0xff;
     }
     std::fs::write(&content, &bytes).unwrap();
-    let corrupt_peer: Vec<String> = bytes_by_parent(&swarm.peers[0])
-        .into_iter()
-        .filter_map(|(p, _)| p)
-        .collect();
-    let _ = corrupt_peer;
 
     // peer1 prefers a normal peer over the seed, meets the corruption, and recovers.
     let out = swarm.peers[1].dfget_output(&url, &swarm.output(1), &[]);
