@@ -53,10 +53,6 @@ impl Schedulers {
         self.ring.is_empty()
     }
 
-    pub fn host_id(&self) -> &str {
-        &self.host.host_id
-    }
-
     pub fn host(&self) -> &Arc<HostInfo> {
         &self.host
     }
@@ -178,19 +174,24 @@ impl Schedulers {
                     self.announced.lock().expect("announced").remove(addr);
                     reannounced = true;
                 }
-                Err(status) => {
-                    return Err(match status.code() {
-                        tonic::Code::FailedPrecondition
-                        | tonic::Code::InvalidArgument
-                        | tonic::Code::PermissionDenied => {
-                            RegisterFailure::Refused(status.message().to_string())
-                        }
-                        _ => unavailable(status.message().to_string()),
-                    })
+                Err(status) if is_refusal(&status) => {
+                    return Err(RegisterFailure::Refused(status.message().to_string()))
                 }
+                Err(status) => return Err(unavailable(status.message().to_string())),
             }
         }
     }
+}
+
+/// Whether a scheduler's error refuses this download (as opposed to the scheduler being
+/// unavailable, where the download goes on without it).
+pub(crate) fn is_refusal(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::FailedPrecondition
+            | tonic::Code::InvalidArgument
+            | tonic::Code::PermissionDenied
+    )
 }
 
 enum RegisterFailure {

@@ -11,12 +11,13 @@
 use super::source::{self, Prepared};
 use super::{DownloadPlan, TaskManager, TaskRun};
 use crate::error::TaskError;
-use crate::scheduler::{Announce, AnnounceStream, SchedulerError, Schedulers};
+use crate::grpc::piece_to_proto;
+use crate::scheduler::{is_refusal, Announce, AnnounceStream, SchedulerError, Schedulers};
 use bytes::BytesMut;
 use d7y_storage::{PieceMeta, StorageError};
 use d7y_types::piece::{piece_length_for, MIN_PIECE_LENGTH};
 use d7y_types::{Digest, PieceLayout};
-use dragonfly_api::common::v2::{Peer, Piece, TrafficType};
+use dragonfly_api::common::v2::{Peer, TrafficType};
 use dragonfly_api::dfdaemon::v2::dfdaemon_upload_client::DfdaemonUploadClient;
 use dragonfly_api::dfdaemon::v2::{SyncHostRequest, SyncPiecesRequest};
 use dragonfly_api::scheduler::v2::announce_peer_request::Request as Event;
@@ -145,14 +146,11 @@ pub(super) async fn download(
                     ));
                     mgr.mark_finished(prepared.meta).await
                 }
-                Err(EngineExit::BackToSource(reason)) => {
+                Err(EngineExit::BackToSource { reason, report }) => {
                     drop(engine);
                     info!(task_id = plan.task_id, reason, "finishing from the origin");
-                    let probe = match probe {
-                        Some(p) => p,
-                        None => source::probe(mgr, plan).await?,
-                    };
-                    let scheduler = (!reason.starts_with("scheduler lost")).then_some(&announce);
+                    let probe = probe_again(mgr, plan, probe).await?;
+                    let scheduler = report.then_some(&announce);
                     source_rest(mgr, run, plan, scheduler, &mut prepared, probe).await?;
                     mgr.mark_finished(prepared.meta).await
                 }
@@ -172,10 +170,8 @@ pub(super) async fn download(
                 description = r.description.as_deref().unwrap_or(""),
                 "scheduler: back to source"
             );
-            let probe = match probe {
-                Some(p) => p,
-                None => return Err(TaskError::BackToSourceDisabled),
-            };
+            let probe = probe_again(mgr, plan, probe).await?;
+            let content_length = probe.stat.content_length;
             from_source(mgr, run, plan, Some(&announce), probe, content_length).await
         }
         Some(Reply::EmptyTaskResponse(_)) => {
@@ -198,13 +194,20 @@ pub(super) async fn download(
     }
 }
 
-fn is_refusal(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
-        tonic::Code::FailedPrecondition
-            | tonic::Code::InvalidArgument
-            | tonic::Code::PermissionDenied
-    )
+/// The origin's probe: the one made at the start, or a new one when the origin was
+/// unreachable then (its error is the one the user should see if it still is).
+async fn probe_again(
+    mgr: &TaskManager,
+    plan: &DownloadPlan,
+    probe: Option<d7y_backend::Probe>,
+) -> Result<d7y_backend::Probe, TaskError> {
+    if plan.disable_back_to_source {
+        return Err(TaskError::BackToSourceDisabled);
+    }
+    match probe {
+        Some(p) => Ok(p),
+        None => source::probe(mgr, plan).await,
+    }
 }
 
 fn length_from_parents(parents: &[Peer]) -> Option<u64> {
@@ -258,7 +261,7 @@ async fn source_rest(
             if p.traffic_type == TrafficType::BackToSource as i32 {
                 announce.send(Event::DownloadPieceBackToSourceFinishedRequest(
                     DownloadPieceBackToSourceFinishedRequest {
-                        piece: Some(piece_proto(p)),
+                        piece: Some(piece_to_proto(p)),
                     },
                 ));
             }
@@ -292,13 +295,14 @@ async fn source_rest(
     result
 }
 
-pub(crate) fn piece_proto(p: &PieceMeta) -> Piece {
-    crate::grpc::piece_to_proto(p)
-}
-
 /// Why the engine stopped before having every piece.
 enum EngineExit {
-    BackToSource(String),
+    /// The rest comes from the origin; `report` when the scheduler is still there to be
+    /// told about it.
+    BackToSource {
+        reason: String,
+        report: bool,
+    },
     Failed(TaskError),
 }
 
@@ -721,9 +725,12 @@ impl<'a> Engine<'a> {
                         Ok(Some(AnnouncePeerResponse { response: Some(reply) })) => match reply {
                             Reply::NormalTaskResponse(r) => self.set_parents(r.candidate_parents),
                             Reply::NeedBackToSourceResponse(r) => {
-                                return Err(EngineExit::BackToSource(
-                                    r.description.unwrap_or_else(|| "scheduler asked".into()),
-                                ))
+                                return Err(EngineExit::BackToSource {
+                                    reason: r
+                                        .description
+                                        .unwrap_or_else(|| "scheduler asked".into()),
+                                    report: true,
+                                })
                             }
                             Reply::EmptyTaskResponse(_) | Reply::MetadataOnlyResponse(_) => {}
                         },
@@ -750,7 +757,10 @@ impl<'a> Engine<'a> {
                                 format!("{} (lost mid-download; back-to-source is disabled)", self.announce.addr),
                             )));
                         }
-                        return Err(EngineExit::BackToSource("scheduler lost and parents stalled".into()));
+                        return Err(EngineExit::BackToSource {
+                            reason: "scheduler lost and parents stalled".into(),
+                            report: false,
+                        });
                     }
                 }
             }
@@ -824,7 +834,7 @@ impl<'a> Engine<'a> {
                 }
                 self.announce.send(Event::DownloadPieceFinishedRequest(
                     DownloadPieceFinishedRequest {
-                        piece: Some(piece_proto(&piece)),
+                        piece: Some(piece_to_proto(&piece)),
                     },
                 ));
             }
