@@ -484,8 +484,7 @@ impl Resources {
     }
 
     /// Normal peers of a task that hold at least one piece (a warm swarm has two or more).
-    fn warm_holders(&self, task: &Task, sampled: &[String]) -> u32 {
-        let _ = task;
+    fn warm_holders(&self, sampled: &[String]) -> u32 {
         sampled
             .iter()
             .filter_map(|id| self.peers.get(id))
@@ -505,7 +504,6 @@ impl Resources {
             state: parent.state,
             disable_shared: host.is_some_and(|h| h.proto.disable_shared),
             in_degree: parent.parents.len() as u32,
-            finished_pieces: parent.pieces.len(),
             // Slow downloads only say something about a parent still downloading; a
             // finished one serves from disk.
             bad: parent.corrupt || (parent.state == PeerState::Running && parent.is_bad_by_costs()),
@@ -567,7 +565,7 @@ impl Resources {
         let stats = ChildStats {
             idc: child_net.idc,
             location: child_net.location,
-            warm_holders: self.warm_holders(task, &sampled),
+            warm_holders: self.warm_holders(&sampled),
         };
         let candidates: Vec<Candidate> = sampled
             .iter()

@@ -47,7 +47,6 @@ pub struct Candidate {
     pub disable_shared: bool,
     /// Number of parents it has now.
     pub in_degree: u32,
-    pub finished_pieces: u32,
     /// Reported by a child as serving corrupt data, or its piece costs are outliers.
     pub bad: bool,
     pub stats: ParentStats,
@@ -94,21 +93,16 @@ pub fn filter(child: &Child<'_>, candidate: &Candidate) -> Result<(), Rejection>
     }
     match candidate.state {
         PeerState::Succeeded | PeerState::BackToSource => {}
+        // A downloading peer gives what it holds that the child lacks, or soon what its own
+        // parents send it; with neither it has nothing to give.
         PeerState::Running => {
-            if candidate.finished_pieces == 0 && candidate.in_degree == 0 {
+            if candidate.stats.useful_pieces == 0 && candidate.in_degree == 0 {
                 return Err(Rejection::NothingToGive);
             }
         }
         PeerState::Received | PeerState::Failed | PeerState::Leave => {
             return Err(Rejection::NotActive)
         }
-    }
-    if candidate.state != PeerState::BackToSource
-        && candidate.state != PeerState::Succeeded
-        && candidate.stats.useful_pieces == 0
-        && candidate.in_degree == 0
-    {
-        return Err(Rejection::NothingToGive);
     }
     if candidate.bad {
         return Err(Rejection::Bad);
@@ -145,7 +139,6 @@ mod tests {
             state,
             disable_shared: false,
             in_degree: 1,
-            finished_pieces: 3,
             bad: false,
             stats: ParentStats {
                 active: true,
@@ -167,14 +160,12 @@ mod tests {
             stats: ChildStats::default(),
         };
         let mut empty_running = cand("p", "h", PeerState::Running);
-        empty_running.finished_pieces = 0;
         empty_running.in_degree = 0;
         empty_running.stats.useful_pieces = 0;
         let mut stale = cand("p", "h", PeerState::Running);
         stale.stats.useful_pieces = 0;
         stale.in_degree = 0;
         let mut waiting_with_parent = cand("p", "h", PeerState::Running);
-        waiting_with_parent.finished_pieces = 0;
         waiting_with_parent.stats.useful_pieces = 0;
         let mut bad = cand("p", "h", PeerState::Succeeded);
         bad.bad = true;
@@ -185,7 +176,6 @@ mod tests {
         let mut leech = cand("p", "h", PeerState::Succeeded);
         leech.disable_shared = true;
         let mut origin_fetcher = cand("p", "h", PeerState::BackToSource);
-        origin_fetcher.finished_pieces = 0;
         origin_fetcher.in_degree = 0;
         origin_fetcher.stats.useful_pieces = 0;
         for (candidate, want) in [
