@@ -1,6 +1,6 @@
 //! `dfdaemon.yaml`.
 
-use crate::{load_yaml, parse_yaml, ConfigError};
+use crate::{load_yaml, parse_inline, ConfigError};
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
@@ -42,10 +42,7 @@ impl Config {
 
     /// Parses and validates YAML text (used by tests and generated configs).
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = parse_yaml(text).map_err(|message| ConfigError::Parse {
-            path: PathBuf::from("<inline>"),
-            message,
-        })?;
+        let config: Config = parse_inline(text)?;
         config.validate()?;
         Ok(config)
     }

@@ -2,9 +2,9 @@
 //! `dfdaemon --dynconfig FILE`). `scheduler.addrs` (a static `ip:port` list) wins over
 //! `scheduler.addr` (one `host:port`, resolved through DNS to every scheduler).
 
-use crate::{load_yaml, parse_yaml, ConfigError};
+use crate::{load_yaml, parse_inline, ConfigError};
 use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The default dynconfig path.
 pub const DEFAULT_DYNCONFIG_PATH: &str = "/etc/dragonfly/dynconfig.yaml";
@@ -33,10 +33,7 @@ impl Dynconfig {
     }
 
     pub fn from_yaml(text: &str) -> Result<Dynconfig, ConfigError> {
-        parse_yaml(text).map_err(|message| ConfigError::Parse {
-            path: PathBuf::from("<inline>"),
-            message,
-        })
+        parse_inline(text)
     }
 
     /// The scheduler addresses as written (not resolved): `addrs` if any, else `addr`.

@@ -43,3 +43,11 @@ pub(crate) fn parse_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T
     }
     serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
 }
+
+/// Parses YAML text given inline (tests, generated configs), naming it `<inline>` in errors.
+pub(crate) fn parse_inline<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
+    parse_yaml(text).map_err(|message| ConfigError::Parse {
+        path: PathBuf::from("<inline>"),
+        message,
+    })
+}

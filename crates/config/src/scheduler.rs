@@ -7,7 +7,7 @@
 //! reads them from the manager's cluster config), `scheduler.maxChildrenPerParent`, and
 //! `seedPeers` (the static seed-peer list used until a manager provides it).
 
-use crate::{load_yaml, parse_yaml, ConfigError};
+use crate::{load_yaml, parse_inline, ConfigError};
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -63,10 +63,7 @@ impl Config {
     }
 
     pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = parse_yaml(text).map_err(|message| ConfigError::Parse {
-            path: PathBuf::from("<inline>"),
-            message,
-        })?;
+        let config: Config = parse_inline(text)?;
         config.validate()?;
         Ok(config)
     }
