@@ -25,13 +25,31 @@ pub fn bin_path(name: &str) -> PathBuf {
     path
 }
 
-/// A port that was free a moment ago.
+/// Ports handed out by [`free_port`]: below Linux's ephemeral range (32768-60999), so an
+/// outgoing connection of a concurrently running test cannot take one between the moment
+/// it is chosen and the moment a server binds it.
+const PORT_RANGE: std::ops::Range<u32> = 20_000..32_000;
+
+/// A port that was free a moment ago and that no other call in this process returned.
+/// Each test process starts at its own offset in [`PORT_RANGE`], so concurrent test
+/// processes rarely meet; [`Daemon::start_opts`] retries with new ports when they do.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = PORT_RANGE.end - PORT_RANGE.start;
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % span,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..span {
+        let port = (PORT_RANGE.start + NEXT.fetch_add(1, Ordering::SeqCst) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {PORT_RANGE:?}")
 }
 
 /// How to start a dfdaemon beyond the defaults.
@@ -88,8 +106,21 @@ impl Daemon {
         )
     }
 
-    /// Starts a daemon with every option.
+    /// Starts a daemon with every option. When a chosen port was taken meanwhile (another
+    /// test process), tries again with new ports.
     pub fn start_opts(dir: &Path, options: &DaemonOptions) -> anyhow::Result<Daemon> {
+        let mut attempt = 0;
+        loop {
+            match Daemon::start_once(dir, options) {
+                Err(e) if attempt < 3 && e.to_string().contains("Address already in use") => {
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    fn start_once(dir: &Path, options: &DaemonOptions) -> anyhow::Result<Daemon> {
         let download_yaml = options.download_yaml.as_str();
         let mut extra = options.extra_yaml.clone();
         if options.seed {
