@@ -10,7 +10,8 @@
 //! `--rate` both ways, so u_s = u_i = d_i = rate and
 //! T* = max(F/u_s, F/d_min, N·F/(u_s + N·u)). The scheduler and the BitTorrent tracker run on
 //! the bridge (control traffic only). Results: a Markdown report and `results.json` in
-//! `--out`; `scripts/plot_swarm.py` turns the JSON into PNG plots.
+//! `--out`; `scripts/plot_swarm.py` turns the JSON into PNG plots. `--scheduler-yaml TEXT`
+//! appends YAML to the scheduler's config (tuning experiments).
 
 use d7y_testkit::netns::{Hosts, SUBNET_GW};
 use d7y_testkit::swarm::bytes_by_source;
@@ -213,7 +214,7 @@ fn run_dragonfly(
         SUBNET_GW,
         port,
         &[(hosts.ip(0), seed.upload_port)],
-        "",
+        &arg("--scheduler-yaml", ""),
     )
     .unwrap();
     let peers: Vec<Daemon> = (1..=n).map(|i| daemon(i, false)).collect();

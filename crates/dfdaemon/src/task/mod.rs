@@ -7,6 +7,7 @@
 mod output;
 mod p2p;
 mod run;
+mod sink;
 mod source;
 
 pub use output::{check_output, place_output};

@@ -2,9 +2,11 @@
 //! streamed GET cut into pieces. Pieces already in storage (an interrupted earlier run) are
 //! not fetched again.
 
+use super::sink::PieceSink;
 use super::{DownloadPlan, TaskManager, TaskRun};
 use crate::error::TaskError;
-use bytes::{Bytes, BytesMut};
+use crate::ratelimit::Bandwidth;
+use bytes::Bytes;
 use d7y_backend::{BackendError, Probe, SourceRequest};
 use d7y_storage::{now_secs, ContentWriter, PieceMeta, TaskMeta};
 use d7y_types::piece::{piece_length_for, MIN_PIECE_LENGTH};
@@ -197,10 +199,18 @@ impl Ctx<'_> {
             .max(64 * 1024) as usize
     }
 
-    /// Waits for the bandwidth limits; called once per buffer flush, not per network chunk.
-    async fn throttle(&self, bytes: usize) {
-        self.mgr.source_bandwidth.acquire(bytes).await;
-        self.mgr.download_bandwidth.acquire(bytes).await;
+    /// A sink for the piece at `offset`, limited by the back-to-source and download limits.
+    fn sink<'s>(
+        &'s self,
+        limits: &'s [&'s Bandwidth],
+        offset: u64,
+        piece_length: u64,
+    ) -> PieceSink<'s> {
+        PieceSink::new(self.writer, limits, offset, self.buffer_size(piece_length))
+    }
+
+    fn limits(&self) -> [&Bandwidth; 2] {
+        [&self.mgr.source_bandwidth, &self.mgr.download_bandwidth]
     }
 
     /// Records a written piece and makes it visible.
@@ -302,43 +312,27 @@ impl Ctx<'_> {
                     .with_label_values(&[scheme, "GET"])
                     .inc();
             })?;
-        let cap = self.buffer_size(length);
-        let mut buf = BytesMut::with_capacity(cap);
-        let mut hasher = crc32fast::Hasher::new();
-        let mut written = offset;
-        let mut received = 0u64;
+        let limits = self.limits();
+        let mut sink = self.sink(&limits, offset, length);
         while let Some(chunk) = body.next().await {
             let chunk = chunk?;
-            received += chunk.len() as u64;
-            if received > length {
+            if sink.len() + chunk.len() as u64 > length {
                 return Err(TaskError::LengthMismatch {
                     url: self.plan.url.to_string(),
                     expected: length,
-                    actual: received,
+                    actual: sink.len() + chunk.len() as u64,
                 });
             }
-            hasher.update(&chunk);
-            buf.extend_from_slice(&chunk);
-            if buf.len() >= cap {
-                let data = std::mem::replace(&mut buf, BytesMut::with_capacity(cap)).freeze();
-                let n = data.len() as u64;
-                self.throttle(data.len()).await;
-                self.writer.write_at(written, data).await?;
-                written += n;
-            }
+            sink.push(&chunk).await?;
         }
-        if received != length {
+        if sink.len() != length {
             return Err(BackendError::Body {
                 url: self.plan.url.to_string(),
-                reason: format!("connection closed after {received} of {length} bytes"),
+                reason: format!("connection closed after {} of {length} bytes", sink.len()),
             }
             .into());
         }
-        if !buf.is_empty() {
-            self.throttle(buf.len()).await;
-            self.writer.write_at(written, buf.freeze()).await?;
-        }
-        Ok(hasher.finalize())
+        Ok(sink.finish().await?.1)
     }
 
     /// Streams the whole body, retrying from the start (skipping finished pieces) when the
@@ -381,13 +375,12 @@ impl Ctx<'_> {
         have: &mut HashSet<u32>,
     ) -> Result<u64, TaskError> {
         let idle = self.mgr.config.download.piece_timeout;
-        let cap = self.buffer_size(piece_length);
+        let limits = self.limits();
         let mut number = 0u32;
         let mut piece_start = 0u64;
         let mut in_piece = 0u64;
-        let mut hasher = crc32fast::Hasher::new();
-        let mut buf = BytesMut::with_capacity(cap);
-        let mut flushed = 0u64; // bytes of the current piece already written
+        // None while skipping a piece an earlier run already stored.
+        let mut sink = (!have.contains(&0)).then(|| self.sink(&limits, 0, piece_length));
         let mut started = Instant::now();
         loop {
             let next = tokio::time::timeout(idle, body.next()).await.map_err(|_| {
@@ -411,50 +404,24 @@ impl Ctx<'_> {
                         });
                     }
                 }
-                if !have.contains(&number) {
-                    self.throttle(part.len()).await;
-                    hasher.update(&part);
-                    buf.extend_from_slice(&part);
-                    if buf.len() >= cap {
-                        let data =
-                            std::mem::replace(&mut buf, BytesMut::with_capacity(cap)).freeze();
-                        let n = data.len() as u64;
-                        self.writer.write_at(piece_start + flushed, data).await?;
-                        flushed += n;
-                    }
+                if let Some(sink) = sink.as_mut() {
+                    sink.push(&part).await?;
                 }
                 if in_piece == piece_length {
-                    self.end_piece(
-                        number,
-                        piece_start,
-                        in_piece,
-                        &mut buf,
-                        &mut hasher,
-                        flushed,
-                        started,
-                        have,
-                    )
-                    .await?;
+                    self.end_piece(number, piece_start, sink.take(), started, have)
+                        .await?;
                     number += 1;
                     piece_start += in_piece;
                     in_piece = 0;
-                    flushed = 0;
+                    sink = (!have.contains(&number))
+                        .then(|| self.sink(&limits, piece_start, piece_length));
                     started = Instant::now();
                 }
             }
         }
         if in_piece > 0 {
-            self.end_piece(
-                number,
-                piece_start,
-                in_piece,
-                &mut buf,
-                &mut hasher,
-                flushed,
-                started,
-                have,
-            )
-            .await?;
+            self.end_piece(number, piece_start, sink.take(), started, have)
+                .await?;
         }
         let total = piece_start + in_piece;
         if let Some(limit) = expected {
@@ -469,27 +436,17 @@ impl Ctx<'_> {
         Ok(total)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Records a streamed piece (unless it was already stored: no sink).
     async fn end_piece(
         &self,
         number: u32,
         offset: u64,
-        length: u64,
-        buf: &mut BytesMut,
-        hasher: &mut crc32fast::Hasher,
-        flushed: u64,
+        sink: Option<PieceSink<'_>>,
         started: Instant,
         have: &mut HashSet<u32>,
     ) -> Result<(), TaskError> {
-        if have.contains(&number) {
-            return Ok(());
-        }
-        if !buf.is_empty() {
-            let data = std::mem::take(buf).freeze();
-            self.throttle(data.len()).await;
-            self.writer.write_at(offset + flushed, data).await?;
-        }
-        let crc = std::mem::replace(hasher, crc32fast::Hasher::new()).finalize();
+        let Some(sink) = sink else { return Ok(()) };
+        let (length, crc) = sink.finish().await?;
         self.commit(number, offset, length, crc, started).await?;
         have.insert(number);
         Ok(())
