@@ -5,6 +5,8 @@
 //! other children take it from the child that got it, so the seed's upload carries distinct
 //! pieces instead of the same piece N times (Kumar–Ross: the server pushes one copy).
 //! Pieces older than [`MAX_DEFER`] (a seed that finished long ago) are offered to everyone.
+//! When a child leaves (its stream ends: done, rescheduled or dead), the pieces dealt to it
+//! are offered to everyone at once: a child that died can no longer pass them on.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -21,6 +23,8 @@ pub struct SuperSeed {
     children: Mutex<HashMap<String, Vec<(String, usize)>>>,
     /// When each (task, piece) was first requested from this seed.
     served: Mutex<HashMap<(String, u32), Instant>>,
+    /// Pieces dealt to a child first: (task, piece) -> host.
+    dealt: Mutex<HashMap<(String, u32), String>>,
 }
 
 impl SuperSeed {
@@ -40,11 +44,20 @@ impl SuperSeed {
                 list[i].1 -= 1;
                 if list[i].1 == 0 {
                     list.remove(i);
+                    // Its pieces are nobody's now: offered to everyone from here on.
+                    self.dealt
+                        .lock()
+                        .expect("super seed")
+                        .retain(|(t, _), h| !(t == task_id && h == host_id));
                 }
             }
             if list.is_empty() {
                 children.remove(task_id);
                 self.served
+                    .lock()
+                    .expect("super seed")
+                    .retain(|(t, _), _| t != task_id);
+                self.dealt
                     .lock()
                     .expect("super seed")
                     .retain(|(t, _), _| t != task_id);
@@ -75,13 +88,24 @@ impl SuperSeed {
         }
         {
             let children = self.children.lock().expect("super seed");
-            match children.get(task_id) {
-                Some(list) if list.len() > 1 => {
-                    if list[number as usize % list.len()].0 == host_id {
+            let list = children.get(task_id).filter(|l| l.len() > 1)?;
+            let mut dealt = self.dealt.lock().expect("super seed");
+            let key = (task_id.to_string(), number);
+            let owner = match dealt.get(&key) {
+                Some(owner) => owner.clone(),
+                None => {
+                    let served = self.served.lock().expect("super seed");
+                    if served.contains_key(&key) {
+                        // Served, and its first child is gone: everyone's now.
                         return None;
                     }
+                    let owner = list[number as usize % list.len()].0.clone();
+                    dealt.insert(key, owner.clone());
+                    owner
                 }
-                _ => return None,
+            };
+            if owner == host_id {
+                return None;
             }
         }
         let now = Instant::now();
@@ -139,5 +163,28 @@ mod tests {
             None,
             "a alone again"
         );
+    }
+
+    #[test]
+    fn pieces_dealt_to_a_child_that_left_are_offered_to_everyone() {
+        let s = SuperSeed::default();
+        for host in ["a", "b", "c"] {
+            s.join("t", host);
+        }
+        // Piece 0 is a's and piece 1 b's; both served, so the others wait for the relay.
+        assert_eq!(s.release_at("t", "a", 0, Duration::ZERO), None);
+        assert_eq!(s.release_at("t", "b", 1, Duration::ZERO), None);
+        s.served("t", 0);
+        s.served("t", 1);
+        assert!(s.release_at("t", "b", 0, Duration::ZERO).is_some());
+        assert!(s.release_at("t", "c", 1, Duration::ZERO).is_some());
+        // a dies: its piece goes to everyone now; b's stays b's to relay.
+        s.leave("t", "a");
+        assert_eq!(s.release_at("t", "b", 0, Duration::ZERO), None);
+        assert_eq!(s.release_at("t", "c", 0, Duration::ZERO), None);
+        assert!(s.release_at("t", "c", 1, Duration::ZERO).is_some());
+        // A piece not dealt yet goes round the children left (2 % [b, c] = b).
+        assert_eq!(s.release_at("t", "b", 2, Duration::ZERO), None);
+        assert!(s.release_at("t", "c", 2, Duration::ZERO).is_some());
     }
 }

@@ -185,6 +185,9 @@ impl DfdaemonUpload for UploadService {
                         .min(tokio::time::Instant::now() + Duration::from_millis(200))
                 });
                 tokio::select! {
+                    // The child went away (finished, rescheduled or died) while nothing was
+                    // being sent: end now, so a seed's slot for it is released.
+                    _ = tx.closed() => return,
                     changed = watch.changed(), if !done => if changed.is_err() { return },
                     _ = async {
                         match wake {
