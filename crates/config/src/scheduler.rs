@@ -175,7 +175,10 @@ pub struct Scheduling {
     pub candidate_parent_limit: u32,
     /// Peers sampled before filtering (upstream: 15).
     pub filter_parent_limit: u32,
-    /// Extension: most children one parent serves at once (spreads load off hot parents).
+    /// Extension: most children one parent, seed peers included, serves at once (spreads
+    /// load off hot parents). Soft: a peer that would otherwise go back to source takes a
+    /// full parent. 1 makes a chain, the fastest layout when every host has the same link
+    /// rate (BENCHMARKS.md, issue 4).
     pub max_children_per_parent: u32,
     pub gc: SchedulerGc,
 }

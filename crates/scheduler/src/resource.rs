@@ -535,6 +535,19 @@ impl Resources {
         allow_reversal: bool,
         rng: &mut impl Rng,
     ) -> Result<Scheduled, ResourceError> {
+        self.schedule_with(child_id, limits, allow_reversal, false, rng)
+    }
+
+    /// [`Resources::schedule`], where `allow_full` also accepts parents at their children
+    /// cap when no other is available (the last resort before the origin).
+    pub fn schedule_with(
+        &mut self,
+        child_id: &str,
+        limits: &Limits,
+        allow_reversal: bool,
+        allow_full: bool,
+        rng: &mut impl Rng,
+    ) -> Result<Scheduled, ResourceError> {
         let child = self
             .peers
             .get(child_id)
@@ -590,6 +603,7 @@ impl Resources {
                 stats,
             },
             candidates,
+            allow_full,
         );
         // Keep current parents unless clearly beaten: a new parent costs the child new
         // connections and a fresh piece sync.

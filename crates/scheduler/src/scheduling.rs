@@ -73,7 +73,7 @@ pub enum Rejection {
     /// No pieces, no parents, not at the origin: nothing to give now or soon.
     NothingToGive,
     Bad,
-    /// At its children cap.
+    /// At its children cap (seed peers too). Soft: see [`rank`]'s `allow_full`.
     Full,
 }
 
@@ -107,18 +107,32 @@ pub fn filter(child: &Child<'_>, candidate: &Candidate) -> Result<(), Rejection>
     if candidate.bad {
         return Err(Rejection::Bad);
     }
-    if !candidate.stats.is_seed && candidate.stats.children >= candidate.stats.max_children {
+    if candidate.stats.children >= candidate.stats.max_children {
         return Err(Rejection::Full);
     }
     Ok(())
 }
 
-/// The candidates that pass [`filter`], best first, with their scores. Ties keep the input
-/// order, which the caller randomises, so equal parents share the load.
-pub fn rank(child: &Child<'_>, candidates: Vec<Candidate>) -> Vec<(Candidate, f64)> {
-    let mut ranked: Vec<(Candidate, f64)> = candidates
+/// The candidates that pass [`filter`], best first, with their scores. With `allow_full`
+/// and no candidate passing, those rejected only for being at their children cap: the
+/// caller's last resort before sending the child to the origin. Ties keep the input order,
+/// which the caller randomises, so equal parents share the load.
+pub fn rank(
+    child: &Child<'_>,
+    candidates: Vec<Candidate>,
+    allow_full: bool,
+) -> Vec<(Candidate, f64)> {
+    let (mut open, mut full) = (Vec::new(), Vec::new());
+    for c in candidates {
+        match filter(child, &c) {
+            Ok(()) => open.push(c),
+            Err(Rejection::Full) if allow_full => full.push(c),
+            Err(_) => {}
+        }
+    }
+    let pool = if open.is_empty() { full } else { open };
+    let mut ranked: Vec<(Candidate, f64)> = pool
         .into_iter()
-        .filter(|c| filter(child, c).is_ok())
         .map(|c| {
             let s = evaluator::score(&c.stats, &child.stats);
             (c, s)
@@ -204,7 +218,7 @@ mod tests {
             (origin_fetcher, Ok(())),
             (bad, Err(Rejection::Bad)),
             (full, Err(Rejection::Full)),
-            (full_seed, Ok(())),
+            (full_seed, Err(Rejection::Full)),
             (cand("p", "h", PeerState::Running), Ok(())),
             (cand("p", "h", PeerState::Succeeded), Ok(())),
         ] {
@@ -233,9 +247,49 @@ mod tests {
         busy.stats.max_tx_bps = 100;
         busy.stats.tx_bps = 90;
         let same_host = cand("twin", "my-host", PeerState::Succeeded);
-        let ranked = rank(&child, vec![poor, same_host, busy, rich]);
+        let ranked = rank(&child, vec![poor, same_host, busy, rich], false);
         let ids: Vec<&str> = ranked.iter().map(|(c, _)| c.peer_id.as_str()).collect();
         // A saturated parent ranks below an idle one holding less.
         assert_eq!(ids, ["rich", "poor", "busy"]);
+    }
+
+    #[test]
+    fn full_parents_only_as_a_last_resort() {
+        let none = HashSet::new();
+        let child = Child {
+            peer_id: "me",
+            host_id: "my-host",
+            blocklist: &none,
+            stats: ChildStats::default(),
+        };
+        let full = |id: &str, seed: bool| {
+            let mut c = cand(id, id, PeerState::Succeeded);
+            c.stats.children = c.stats.max_children;
+            c.stats.is_seed = seed;
+            c
+        };
+        let mut bad = full("bad", false);
+        bad.bad = true;
+        let ids = |r: Vec<(Candidate, f64)>| -> Vec<String> {
+            let mut v: Vec<String> = r.into_iter().map(|(c, _)| c.peer_id).collect();
+            v.sort();
+            v
+        };
+        let all = || {
+            vec![
+                full("seed", true),
+                full("p", false),
+                bad.clone(),
+                cand("open", "h", PeerState::Running),
+            ]
+        };
+        for allow_full in [false, true] {
+            // An open parent wins: the full ones (the seed too) are left out.
+            assert_eq!(ids(rank(&child, all(), allow_full)), ["open"]);
+        }
+        let full_only = || all().into_iter().filter(|c| c.peer_id != "open").collect();
+        assert!(rank(&child, full_only(), false).is_empty());
+        // As the last resort: the full ones rather than the origin, never a bad one.
+        assert_eq!(ids(rank(&child, full_only(), true)), ["p", "seed"]);
     }
 }

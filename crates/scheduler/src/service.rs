@@ -424,10 +424,20 @@ impl Service {
             return Decision::Done;
         }
         let host_id = peer.host_id.clone();
+        // Parents at their children cap are the last resort: only when the peer would
+        // otherwise be sent to the origin or fail. Until then it waits for an open one
+        // (a busy parent still beats the origin, but a waiting peer usually gets a better
+        // place in the graph within a retry interval).
+        let last_attempt = attempt >= self.config.scheduler.retry_back_to_source_limit
+            || attempt >= self.config.scheduler.retry_limit;
         let started = Instant::now();
-        let scheduled = st
-            .res
-            .schedule(peer_id, &self.limits, false, &mut rand::thread_rng());
+        let scheduled = st.res.schedule_with(
+            peer_id,
+            &self.limits,
+            false,
+            last_attempt,
+            &mut rand::thread_rng(),
+        );
         self.metrics
             .schedule_duration_milliseconds
             .with_label_values(&[reason])
