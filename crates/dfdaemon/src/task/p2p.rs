@@ -37,8 +37,12 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-/// Pieces in flight from one parent.
-const PER_PARENT_CAP: usize = 4;
+/// Pieces in flight from one parent. Few, so that each piece completes soon: a piece is
+/// relayed to the next peer only once it is whole, so k pieces sharing a parent's link
+/// make every hop k piece-times late (measured on a chain of shaped hosts: 8 in flight
+/// cost ~1.4 s per hop). Two keep the link busy across the request round trip; a 4 MiB
+/// piece is far above a LAN's bandwidth-delay product.
+const PER_PARENT_CAP: usize = 2;
 /// Pieces in flight from a seed peer while other parents are connected.
 const SEED_SHARE_CAP: usize = 1;
 /// Failed pieces before a parent is dropped for this task.
@@ -560,8 +564,6 @@ impl<'a> Engine<'a> {
         let usable = |p: &Parent| {
             let cap = if p.is_seed && others {
                 SEED_SHARE_CAP
-            } else if p.is_seed || self.parents.len() == 1 {
-                self.concurrency
             } else {
                 PER_PARENT_CAP
             };
