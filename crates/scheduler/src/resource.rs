@@ -594,17 +594,22 @@ impl Resources {
             .collect();
         let blocklist = child.blocklist.clone();
         let child_host_id = child.host_id.clone();
+        let sampled_count = candidates.len();
         let current = child.parents.clone();
-        let mut ranked = scheduling::rank(
-            &Child {
-                peer_id: child_id,
-                host_id: &child_host_id,
-                blocklist: &blocklist,
-                stats,
-            },
-            candidates,
-            allow_full,
-        );
+        let child_view = Child {
+            peer_id: child_id,
+            host_id: &child_host_id,
+            blocklist: &blocklist,
+            stats,
+        };
+        // Why candidates were turned down, for the "no parent chosen" diagnostic.
+        let mut rejections: HashMap<scheduling::Rejection, usize> = HashMap::new();
+        for c in &candidates {
+            if let Err(why) = scheduling::filter(&child_view, c) {
+                *rejections.entry(why).or_default() += 1;
+            }
+        }
+        let mut ranked = scheduling::rank(&child_view, candidates, allow_full);
         // Keep current parents unless clearly beaten: a new parent costs the child new
         // connections and a fresh piece sync.
         for (c, score) in ranked.iter_mut() {
@@ -612,20 +617,26 @@ impl Resources {
                 *score += STICKY_BONUS;
             }
         }
-        ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+        scheduling::sort_ranked(&mut ranked);
 
         let previous: Vec<String> = self.peers[child_id].parents.iter().cloned().collect();
         self.clear_parents(child_id);
         let mut chosen = Vec::new();
         let mut revised = Vec::new();
+        let mut below = 0usize; // ranked candidates skipped as the child's descendants
         let max_reversals = limits.candidate_parents;
         for (candidate, _) in ranked {
             if chosen.len() >= limits.candidate_parents {
                 break;
             }
+            if candidate.is_full() && !chosen.is_empty() {
+                // Full parents are the last resort: one, and only when no open one fit.
+                break;
+            }
             let id = candidate.peer_id;
             if self.reaches(child_id, &id) {
                 if !allow_reversal || revised.len() >= max_reversals {
+                    below += 1;
                     continue;
                 }
                 // Break every path child→…→id by cutting child's out-edge on it, so id
@@ -666,6 +677,14 @@ impl Resources {
             chosen.push(id);
         }
         if chosen.is_empty() {
+            tracing::debug!(
+                child = child_id,
+                sampled = sampled_count,
+                ?rejections,
+                descendants = below,
+                allow_full,
+                "no parent chosen"
+            );
             // Nothing better: keep the parents it had (the child still uses them).
             for id in previous {
                 if self.peers.contains_key(&id) && !self.reaches(child_id, &id) {
@@ -931,6 +950,50 @@ mod tests {
                 .unwrap();
         }
         assert!(r.peers["p0"].children.len() <= 3);
+        r.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn a_cap_of_one_makes_a_chain_and_a_full_swarm_still_finds_a_parent() {
+        let mut r = swarm(16, 8);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        let limits = Limits {
+            max_children: 1,
+            ..limits()
+        };
+        // Each newcomer gets the one peer with a free slot: the previous one.
+        for i in 0..16 {
+            let id = format!("p{i}");
+            let s = r.schedule(&id, &limits, false, &mut rng).unwrap();
+            let want = if i == 0 {
+                "seed".to_string()
+            } else {
+                format!("p{}", i - 1)
+            };
+            assert_eq!(s.parents, [want], "{id}");
+        }
+        r.check_invariants().unwrap();
+        // The tail fails: a newcomer finds every live parent full, and only the last
+        // resort (a full parent) keeps it off the origin.
+        r.peer_mut("p15").unwrap().state = PeerState::Failed;
+        r.announce_host(host("h16", false));
+        r.register_peer("h16", "t", "p16", &download(8)).unwrap();
+        r.peer_mut("p16").unwrap().state = PeerState::Running;
+        let s = r.schedule("p16", &limits, false, &mut rng).unwrap();
+        assert!(s.parents.is_empty(), "{s:?}");
+        let s = r
+            .schedule_with("p16", &limits, false, true, &mut rng)
+            .unwrap();
+        assert_eq!(s.parents.len(), 1, "{s:?}");
+        r.check_invariants().unwrap();
+        // p7's parent fails; the open peers left (p8, its child, and p16's subtree if it
+        // hangs below p7) may be its descendants: a full parent above is the last resort.
+        r.remove_edge("p6", "p7");
+        r.peer_mut("p6").unwrap().state = PeerState::Failed;
+        let s = r
+            .schedule_with("p7", &limits, false, true, &mut rng)
+            .unwrap();
+        assert!(!s.parents.is_empty(), "{s:?}");
         r.check_invariants().unwrap();
     }
 

@@ -61,8 +61,15 @@ pub struct Child<'a> {
     pub stats: ChildStats,
 }
 
+impl Candidate {
+    /// At its children cap (seed peers included).
+    pub fn is_full(&self) -> bool {
+        self.stats.children >= self.stats.max_children
+    }
+}
+
 /// Why a candidate cannot be a parent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Rejection {
     Itself,
     SameHost,
@@ -107,39 +114,41 @@ pub fn filter(child: &Child<'_>, candidate: &Candidate) -> Result<(), Rejection>
     if candidate.bad {
         return Err(Rejection::Bad);
     }
-    if candidate.stats.children >= candidate.stats.max_children {
+    if candidate.is_full() {
         return Err(Rejection::Full);
     }
     Ok(())
 }
 
-/// The candidates that pass [`filter`], best first, with their scores. With `allow_full`
-/// and no candidate passing, those rejected only for being at their children cap: the
-/// caller's last resort before sending the child to the origin. Ties keep the input order,
-/// which the caller randomises, so equal parents share the load.
+/// The candidates that pass [`filter`], best first, with their scores. With `allow_full`,
+/// those rejected only for being at their children cap follow them: the caller's last
+/// resort (it takes one only when no open candidate could be used, e.g. all are the
+/// child's descendants). Ties keep the input order, which the caller randomises, so equal
+/// parents share the load.
 pub fn rank(
     child: &Child<'_>,
     candidates: Vec<Candidate>,
     allow_full: bool,
 ) -> Vec<(Candidate, f64)> {
-    let (mut open, mut full) = (Vec::new(), Vec::new());
-    for c in candidates {
-        match filter(child, &c) {
-            Ok(()) => open.push(c),
-            Err(Rejection::Full) if allow_full => full.push(c),
-            Err(_) => {}
-        }
-    }
-    let pool = if open.is_empty() { full } else { open };
-    let mut ranked: Vec<(Candidate, f64)> = pool
+    let mut ranked: Vec<(Candidate, f64)> = candidates
         .into_iter()
+        .filter(|c| match filter(child, c) {
+            Ok(()) => true,
+            Err(Rejection::Full) => allow_full,
+            Err(_) => false,
+        })
         .map(|c| {
             let s = evaluator::score(&c.stats, &child.stats);
             (c, s)
         })
         .collect();
-    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+    sort_ranked(&mut ranked);
     ranked
+}
+
+/// Open candidates first, then full ones; best score first within each.
+pub fn sort_ranked(ranked: &mut [(Candidate, f64)]) {
+    ranked.sort_by(|a, b| a.0.is_full().cmp(&b.0.is_full()).then(b.1.total_cmp(&a.1)));
 }
 
 #[cfg(test)]
@@ -283,10 +292,11 @@ mod tests {
                 cand("open", "h", PeerState::Running),
             ]
         };
-        for allow_full in [false, true] {
-            // An open parent wins: the full ones (the seed too) are left out.
-            assert_eq!(ids(rank(&child, all(), allow_full)), ["open"]);
-        }
+        // An open parent only, unless full ones are allowed: then after it.
+        assert_eq!(ids(rank(&child, all(), false)), ["open"]);
+        let ranked = rank(&child, all(), true);
+        assert_eq!(ranked[0].0.peer_id, "open");
+        assert_eq!(ids(ranked), ["open", "p", "seed"]);
         let full_only = || all().into_iter().filter(|c| c.peer_id != "open").collect();
         assert!(rank(&child, full_only(), false).is_empty());
         // As the last resort: the full ones rather than the origin, never a bad one.
