@@ -135,23 +135,15 @@ fn model_run(name: &str, tasks: usize, peers: usize) -> Stats {
 }
 
 async fn grpc_run(peers: usize) -> Stats {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = Config::from_yaml(&format!(
-        "server:\n  listenIP: 127.0.0.1\n  port: {port}\nmetrics:\n  enable: false\n"
-    ))
-    .unwrap();
-    tokio::spawn(d7y_scheduler::run(config, std::future::pending()));
-    let addr = format!("http://127.0.0.1:{port}");
-    let client = loop {
-        if let Ok(c) = SchedulerClient::connect(addr.clone()).await {
-            break c;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    let config = Config::from_yaml("metrics:\n  enable: false\n").unwrap();
+    tokio::spawn(d7y_scheduler::serve(
+        config,
+        listener,
+        std::future::pending(),
+    ));
+    let client = SchedulerClient::connect(addr).await.unwrap();
     // A first peer on the origin, holding every piece, makes every later one schedulable.
     let mut c = client.clone();
     c.announce_host(AnnounceHostRequest {

@@ -45,8 +45,8 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Sched
         })
 }
 
-/// Serves gRPC (with grpc.health.v1, which upstream peers check) and metrics until
-/// `shutdown` resolves.
+/// Serves gRPC (with grpc.health.v1, which upstream peers check) on `server.listenIP` and
+/// `server.port`, and metrics, until `shutdown` resolves.
 pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()>,
@@ -56,6 +56,16 @@ pub async fn run(
         .listen_ip
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     let grpc_listener = bind("gRPC", SocketAddr::new(ip, config.server.port)).await?;
+    serve(config, grpc_listener, shutdown).await
+}
+
+/// [`run`] with gRPC on a listener the caller bound (`server.listenIP`/`port` unused):
+/// an in-process server on port 0 has no window in which another process takes its port.
+pub async fn serve(
+    config: Config,
+    grpc_listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), SchedulerError> {
     let metrics_listener = if config.metrics.enable {
         Some(bind("metrics", config.metrics.socket_addr()?).await?)
     } else {

@@ -18,31 +18,20 @@ struct Server {
 }
 
 async fn start(extra: &str) -> Server {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
     let config = Config::from_yaml(&format!(
-        "server:\n  listenIP: 127.0.0.1\n  port: {port}\nmetrics:\n  enable: false\n\
-         scheduler:\n  retryInterval: 50ms\n{extra}"
+        "metrics:\n  enable: false\nscheduler:\n  retryInterval: 50ms\n{extra}"
     ))
     .unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
-        d7y_scheduler::run(config, async {
+        d7y_scheduler::serve(config, listener, async {
             let _ = stopped.await;
         })
         .await
         .unwrap();
     });
-    let addr = format!("127.0.0.1:{port}");
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(&addr).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     Server { addr, _stop: stop }
 }
 
