@@ -596,20 +596,16 @@ impl Resources {
         let child_host_id = child.host_id.clone();
         let sampled_count = candidates.len();
         let current = child.parents.clone();
-        let child_view = Child {
-            peer_id: child_id,
-            host_id: &child_host_id,
-            blocklist: &blocklist,
-            stats,
-        };
-        // Why candidates were turned down, for the "no parent chosen" diagnostic.
-        let mut rejections: HashMap<scheduling::Rejection, usize> = HashMap::new();
-        for c in &candidates {
-            if let Err(why) = scheduling::filter(&child_view, c) {
-                *rejections.entry(why).or_default() += 1;
-            }
-        }
-        let mut ranked = scheduling::rank(&child_view, candidates, allow_full);
+        let (mut ranked, rejections) = scheduling::rank(
+            &Child {
+                peer_id: child_id,
+                host_id: &child_host_id,
+                blocklist: &blocklist,
+                stats,
+            },
+            candidates,
+            allow_full,
+        );
         // Keep current parents unless clearly beaten: a new parent costs the child new
         // connections and a fresh piece sync.
         for (c, score) in ranked.iter_mut() {

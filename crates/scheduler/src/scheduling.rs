@@ -3,7 +3,7 @@
 //! and adds edges that keep the task's parent graph acyclic.
 
 use crate::evaluator::{self, ChildStats, ParentStats};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 /// A peer's lifecycle, named as upstream names it on the wire (`Peer.state`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -120,22 +120,28 @@ pub fn filter(child: &Child<'_>, candidate: &Candidate) -> Result<(), Rejection>
     Ok(())
 }
 
-/// The candidates that pass [`filter`], best first, with their scores. With `allow_full`,
-/// those rejected only for being at their children cap follow them: the caller's last
-/// resort (it takes one only when no open candidate could be used, e.g. all are the
-/// child's descendants). Ties keep the input order, which the caller randomises, so equal
-/// parents share the load.
+/// Rejected candidates by reason (full ones included even when `allow_full` kept them).
+pub type Rejections = HashMap<Rejection, usize>;
+
+/// The candidates that pass [`filter`], best first, with their scores, and a tally of the
+/// others by reason. With `allow_full`, those rejected only for being at their children
+/// cap follow them: the caller's last resort (it takes one only when no open candidate
+/// could be used, e.g. all are the child's descendants). Ties keep the input order, which
+/// the caller randomises, so equal parents share the load.
 pub fn rank(
     child: &Child<'_>,
     candidates: Vec<Candidate>,
     allow_full: bool,
-) -> Vec<(Candidate, f64)> {
+) -> (Vec<(Candidate, f64)>, Rejections) {
+    let mut rejections = Rejections::new();
     let mut ranked: Vec<(Candidate, f64)> = candidates
         .into_iter()
         .filter(|c| match filter(child, c) {
             Ok(()) => true,
-            Err(Rejection::Full) => allow_full,
-            Err(_) => false,
+            Err(why) => {
+                *rejections.entry(why).or_default() += 1;
+                why == Rejection::Full && allow_full
+            }
         })
         .map(|c| {
             let s = evaluator::score(&c.stats, &child.stats);
@@ -143,7 +149,7 @@ pub fn rank(
         })
         .collect();
     sort_ranked(&mut ranked);
-    ranked
+    (ranked, rejections)
 }
 
 /// Open candidates first, then full ones; best score first within each.
@@ -256,7 +262,7 @@ mod tests {
         busy.stats.max_tx_bps = 100;
         busy.stats.tx_bps = 90;
         let same_host = cand("twin", "my-host", PeerState::Succeeded);
-        let ranked = rank(&child, vec![poor, same_host, busy, rich], false);
+        let (ranked, _) = rank(&child, vec![poor, same_host, busy, rich], false);
         let ids: Vec<&str> = ranked.iter().map(|(c, _)| c.peer_id.as_str()).collect();
         // A saturated parent ranks below an idle one holding less.
         assert_eq!(ids, ["rich", "poor", "busy"]);
@@ -293,13 +299,15 @@ mod tests {
             ]
         };
         // An open parent only, unless full ones are allowed: then after it.
-        assert_eq!(ids(rank(&child, all(), false)), ["open"]);
-        let ranked = rank(&child, all(), true);
+        assert_eq!(ids(rank(&child, all(), false).0), ["open"]);
+        let (ranked, rejected) = rank(&child, all(), true);
+        assert_eq!(rejected[&Rejection::Full], 2);
+        assert_eq!(rejected[&Rejection::Bad], 1);
         assert_eq!(ranked[0].0.peer_id, "open");
         assert_eq!(ids(ranked), ["open", "p", "seed"]);
         let full_only = || all().into_iter().filter(|c| c.peer_id != "open").collect();
-        assert!(rank(&child, full_only(), false).is_empty());
+        assert!(rank(&child, full_only(), false).0.is_empty());
         // As the last resort: the full ones rather than the origin, never a bad one.
-        assert_eq!(ids(rank(&child, full_only(), true)), ["p", "seed"]);
+        assert_eq!(ids(rank(&child, full_only(), true).0), ["p", "seed"]);
     }
 }
