@@ -86,23 +86,18 @@ impl SuperSeed {
         if age >= MAX_DEFER {
             return None;
         }
+        let key = (task_id.to_string(), number);
+        let first_served = self.served.lock().expect("super seed").get(&key).copied();
         {
+            use std::collections::hash_map::Entry;
             let children = self.children.lock().expect("super seed");
             let list = children.get(task_id).filter(|l| l.len() > 1)?;
             let mut dealt = self.dealt.lock().expect("super seed");
-            let key = (task_id.to_string(), number);
-            let owner = match dealt.get(&key) {
-                Some(owner) => owner.clone(),
-                None => {
-                    let served = self.served.lock().expect("super seed");
-                    if served.contains_key(&key) {
-                        // Served, and its first child is gone: everyone's now.
-                        return None;
-                    }
-                    let owner = list[number as usize % list.len()].0.clone();
-                    dealt.insert(key, owner.clone());
-                    owner
-                }
+            let owner = match dealt.entry(key) {
+                Entry::Occupied(e) => e.into_mut(),
+                // Served, and the child it was dealt to is gone: everyone's now.
+                Entry::Vacant(_) if first_served.is_some() => return None,
+                Entry::Vacant(e) => e.insert(list[number as usize % list.len()].0.clone()),
             };
             if owner == host_id {
                 return None;
@@ -110,14 +105,9 @@ impl SuperSeed {
         }
         let now = Instant::now();
         let cap = now + (MAX_DEFER - age);
-        match self
-            .served
-            .lock()
-            .expect("super seed")
-            .get(&(task_id.to_string(), number))
-        {
+        match first_served {
             Some(first) => {
-                let at = *first + RELAY_GRACE;
+                let at = first + RELAY_GRACE;
                 (at > now).then_some(at.min(cap))
             }
             None => Some(cap),
