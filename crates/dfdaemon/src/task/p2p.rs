@@ -8,12 +8,12 @@
 //! its upload goes to pieces nobody else has yet. Every piece is CRC-checked before it is
 //! recorded; a parent that sends a bad piece is reported and dropped for this task.
 
+use super::sink::{PieceSink, ReadError};
 use super::source::{self, Prepared};
 use super::{DownloadPlan, TaskManager, TaskRun};
 use crate::error::TaskError;
 use crate::grpc::piece_to_proto;
 use crate::scheduler::{is_refusal, Announce, AnnounceStream, SchedulerError, Schedulers};
-use bytes::BytesMut;
 use d7y_storage::{PieceMeta, StorageError};
 use d7y_types::piece::{piece_length_for, MIN_PIECE_LENGTH};
 use d7y_types::{Digest, PieceLayout};
@@ -32,7 +32,6 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -53,6 +52,9 @@ const REFRESH_INTERVAL: Duration = Duration::from_millis(500);
 /// comes from the origin.
 const ORPHAN_STALL: Duration = Duration::from_secs(3);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a finished download waits for the scheduler to close the announce stream (so
+/// the last events reach it) before dropping it.
+const ANNOUNCE_DRAIN: Duration = Duration::from_secs(2);
 
 /// Whether to bypass the scheduler: upstream sends contents of at most one minimum piece
 /// straight to the origin under the AUTO scheduling policy.
@@ -121,6 +123,38 @@ pub(super) async fn download(
         first,
         mut responses,
     } = stream;
+    let result = scheduled(
+        mgr,
+        run,
+        plan,
+        probe,
+        content_length,
+        &announce,
+        first,
+        &mut responses,
+    )
+    .await;
+    // Close our side and wait for the scheduler to close its: dropping the response stream
+    // would reset the HTTP/2 stream and lose the events still queued (a fast seed peer's
+    // "finished" among them, after which the scheduler dropped the only complete copy).
+    drop(announce);
+    let drain = async { while let Ok(Some(_)) = responses.message().await {} };
+    let _ = tokio::time::timeout(ANNOUNCE_DRAIN, drain).await;
+    result
+}
+
+/// The download as the scheduler's first answer directs it, reporting on `announce`.
+#[allow(clippy::too_many_arguments)]
+async fn scheduled(
+    mgr: &TaskManager,
+    run: &TaskRun,
+    plan: &DownloadPlan,
+    probe: Option<d7y_backend::Probe>,
+    content_length: Option<u64>,
+    announce: &Announce,
+    first: Option<Reply>,
+    responses: &mut tonic::Streaming<AnnouncePeerResponse>,
+) -> Result<(), TaskError> {
     match first {
         Some(Reply::NormalTaskResponse(NormalTaskResponse { candidate_parents })) => {
             announce.send(Event::DownloadPeerStartedRequest(
@@ -143,7 +177,7 @@ pub(super) async fn download(
                 source::prepare(mgr, run, plan, Some(content_length), header).await?;
             let mut engine = Engine::new(mgr, run, plan, &prepared, announce.clone());
             engine.set_parents(candidate_parents);
-            match engine.run(&mut responses).await {
+            match engine.run(responses).await {
                 Ok(()) => {
                     announce.send(Event::DownloadPeerFinishedRequest(
                         DownloadPeerFinishedRequest {},
@@ -154,7 +188,7 @@ pub(super) async fn download(
                     drop(engine);
                     info!(task_id = plan.task_id, reason, "finishing from the origin");
                     let probe = probe_again(mgr, plan, probe).await?;
-                    let scheduler = report.then_some(&announce);
+                    let scheduler = report.then_some(announce);
                     source_rest(mgr, run, plan, scheduler, &mut prepared, probe).await?;
                     mgr.mark_finished(prepared.meta).await
                 }
@@ -176,7 +210,7 @@ pub(super) async fn download(
             );
             let probe = probe_again(mgr, plan, probe).await?;
             let content_length = probe.stat.content_length;
-            from_source(mgr, run, plan, Some(&announce), probe, content_length).await
+            from_source(mgr, run, plan, Some(announce), probe, content_length).await
         }
         Some(Reply::EmptyTaskResponse(_)) => {
             let prepared = source::prepare(mgr, run, plan, Some(0), Vec::new()).await?;
@@ -1034,37 +1068,25 @@ async fn fetch_piece(
             expected: "a crc32 digest".into(),
             actual: meta.digest.clone(),
         })?;
-        let cap = (mgr.config.storage.write_buffer_size as u64)
-            .clamp(64 * 1024, length.max(64 * 1024)) as usize;
-        let mut hasher = crc32fast::Hasher::new();
+        let limits = [&mgr.download_bandwidth];
+        let write_buffer_size = mgr.config.storage.write_buffer_size;
+        let mut sink = PieceSink::new(&writer, &limits, offset, length, write_buffer_size);
         let mut reader = client.content(length);
-        let mut written = 0u64;
-        let mut buf = BytesMut::with_capacity(cap);
         loop {
-            buf.reserve(cap.saturating_sub(buf.len()));
-            let n = reader
-                .read_buf(&mut buf)
-                .await
-                .map_err(|e| transfer(e.to_string()))?;
-            let eof = n == 0;
-            if buf.len() >= cap || (eof && !buf.is_empty()) {
-                let data = buf.split().freeze();
-                hasher.update(&data);
-                mgr.download_bandwidth.acquire(data.len()).await;
-                let len = data.len() as u64;
-                writer.write_at(offset + written, data).await?;
-                written += len;
-            }
-            if eof {
-                break;
+            match sink.read_from(&mut reader).await {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(ReadError::Io(e)) => return Err(transfer(e.to_string())),
+                Err(ReadError::Storage(e)) => return Err(e.into()),
             }
         }
+        let (written, crc) = sink.finish().await?;
         if written != length {
             return Err(transfer(format!(
                 "parent closed after {written} of {length} bytes"
             )));
         }
-        let actual = Digest::crc32(hasher.finalize());
+        let actual = Digest::crc32(crc);
         if actual != expected {
             return Err(FetchError::Corrupt {
                 number,

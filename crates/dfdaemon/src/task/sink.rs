@@ -1,10 +1,11 @@
 //! One piece's bytes on their way into the content file: gathered into write-buffer-sized
-//! writes at the piece's offset, hashed, and throttled once per write.
+//! writes at the piece's offset, hashed, and throttled once per write. Used by both the
+//! back-to-source paths and the peer-to-peer fetch.
 
-use crate::error::TaskError;
 use crate::ratelimit::Bandwidth;
 use bytes::BytesMut;
-use d7y_storage::ContentWriter;
+use d7y_storage::{ContentWriter, StorageError};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 pub(super) struct PieceSink<'a> {
     writer: &'a ContentWriter,
@@ -17,14 +18,17 @@ pub(super) struct PieceSink<'a> {
 }
 
 impl<'a> PieceSink<'a> {
-    /// A sink for the piece at `offset`, writing `cap` bytes at a time after waiting for
-    /// every limit in `limits`.
+    /// A sink for the piece of `length` bytes at `offset`, writing `storage.writeBufferSize`
+    /// bytes at a time (at least 64 KiB, at most the piece) after waiting for every limit in
+    /// `limits`.
     pub(super) fn new(
         writer: &'a ContentWriter,
         limits: &'a [&'a Bandwidth],
         offset: u64,
-        cap: usize,
+        length: u64,
+        write_buffer_size: usize,
     ) -> PieceSink<'a> {
+        let cap = (write_buffer_size as u64).min(length).max(64 * 1024) as usize;
         PieceSink {
             writer,
             limits,
@@ -41,16 +45,38 @@ impl<'a> PieceSink<'a> {
         self.flushed + self.buf.len() as u64
     }
 
-    pub(super) async fn push(&mut self, chunk: &[u8]) -> Result<(), TaskError> {
+    /// Adds bytes received elsewhere (a copy into the buffer).
+    pub(super) async fn push(&mut self, chunk: &[u8]) -> Result<(), StorageError> {
         self.hasher.update(chunk);
         self.buf.extend_from_slice(chunk);
+        self.flush_if_full().await
+    }
+
+    /// Reads once from `reader` straight into the buffer; returns the bytes read (0 at its
+    /// end). A full buffer is written out.
+    pub(super) async fn read_from(
+        &mut self,
+        reader: &mut (impl AsyncRead + Unpin),
+    ) -> Result<usize, ReadError> {
+        self.buf.reserve(self.cap.saturating_sub(self.buf.len()));
+        let start = self.buf.len();
+        let n = reader
+            .read_buf(&mut self.buf)
+            .await
+            .map_err(ReadError::Io)?;
+        self.hasher.update(&self.buf[start..]);
+        self.flush_if_full().await.map_err(ReadError::Storage)?;
+        Ok(n)
+    }
+
+    async fn flush_if_full(&mut self) -> Result<(), StorageError> {
         if self.buf.len() >= self.cap {
             self.flush().await?;
         }
         Ok(())
     }
 
-    async fn flush(&mut self) -> Result<(), TaskError> {
+    async fn flush(&mut self) -> Result<(), StorageError> {
         if self.buf.is_empty() {
             return Ok(());
         }
@@ -70,8 +96,14 @@ impl<'a> PieceSink<'a> {
     }
 
     /// Writes what is left and returns the piece's length and CRC-32.
-    pub(super) async fn finish(mut self) -> Result<(u64, u32), TaskError> {
+    pub(super) async fn finish(mut self) -> Result<(u64, u32), StorageError> {
         self.flush().await?;
         Ok((self.flushed, self.hasher.finalize()))
     }
+}
+
+/// A failed [`PieceSink::read_from`]: the source's fault or the disk's.
+pub(super) enum ReadError {
+    Io(std::io::Error),
+    Storage(StorageError),
 }

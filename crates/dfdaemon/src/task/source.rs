@@ -193,12 +193,6 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn buffer_size(&self, piece_length: u64) -> usize {
-        (self.mgr.config.storage.write_buffer_size as u64)
-            .min(piece_length)
-            .max(64 * 1024) as usize
-    }
-
     /// A sink for the piece at `offset`, limited by the back-to-source and download limits.
     fn sink<'s>(
         &'s self,
@@ -206,7 +200,8 @@ impl Ctx<'_> {
         offset: u64,
         piece_length: u64,
     ) -> PieceSink<'s> {
-        PieceSink::new(self.writer, limits, offset, self.buffer_size(piece_length))
+        let write_buffer_size = self.mgr.config.storage.write_buffer_size;
+        PieceSink::new(self.writer, limits, offset, piece_length, write_buffer_size)
     }
 
     fn limits(&self) -> [&Bandwidth; 2] {
