@@ -12,6 +12,7 @@ pub mod http;
 pub mod metrics;
 pub mod piece_server;
 pub mod ratelimit;
+pub mod relay;
 pub mod scheduler;
 pub mod superseed;
 pub mod task;
@@ -163,6 +164,7 @@ pub async fn run_with(
         .then(|| Arc::new(superseed::SuperSeed::default()));
     let provider = Arc::new(piece_server::StoragePieces {
         super_seed: super_seed.clone(),
+        flights: manager.flights.clone(),
         storage: storage.clone(),
         metrics: metrics.clone(),
         traffic: traffic.clone(),

@@ -92,6 +92,7 @@ impl DfdaemonUpload for UploadService {
                 "this peer does not share its tasks",
             ));
         }
+        // Interesting pieces not yet sent as finished; the stream ends when none is left.
         let mut wanted: Option<HashSet<u32>> = (!request.interested_piece_numbers.is_empty())
             .then(|| request.interested_piece_numbers.into_iter().collect());
         let ip = self.host.ip.to_string();
@@ -127,10 +128,24 @@ impl DfdaemonUpload for UploadService {
             };
             let mut watch = run.subscribe();
             let mut sent = 0usize;
+            // Pieces still arriving here are announced once when they start (they are
+            // relayed as they arrive), and again when finished, in case a child asked for
+            // one whose fetch failed and dropped it from what this peer offers.
+            let mut sent_arriving = 0usize;
+            let mut announced_arriving: HashSet<u32> = HashSet::new();
             // Pieces held back for other children first (seed peers only).
             let mut deferred: Vec<d7y_storage::PieceMeta> = Vec::new();
             loop {
                 let state = watch.borrow_and_update().clone();
+                let mut ready = Vec::new();
+                for piece in &state.arriving[sent_arriving..] {
+                    let n = piece.number;
+                    let open = wanted.as_ref().is_none_or(|w| w.contains(&n));
+                    if open && announced_arriving.insert(n) {
+                        ready.push(piece.clone());
+                    }
+                }
+                sent_arriving = state.arriving.len();
                 for piece in &state.pieces[sent..] {
                     if let Some(w) = &mut wanted {
                         if !w.remove(&piece.number) {
@@ -143,7 +158,6 @@ impl DfdaemonUpload for UploadService {
                 // Send what may go now; remember the earliest release of the rest.
                 let now_secs = d7y_storage::now_secs();
                 let mut next_due: Option<std::time::Instant> = None;
-                let mut ready = Vec::new();
                 deferred.retain(|piece| {
                     let release = slot.as_ref().and_then(|slot| {
                         let age = Duration::from_secs(now_secs.saturating_sub(piece.created_at));

@@ -63,6 +63,8 @@ pub struct TaskManager {
     pub(crate) host: Arc<HostInfo>,
     /// `None` runs standalone: every download goes back to source.
     pub(crate) schedulers: Option<Arc<Schedulers>>,
+    /// Pieces arriving from parents, servable before they are whole.
+    pub(crate) flights: Arc<crate::relay::Flights>,
     running: Mutex<HashMap<String, Arc<TaskRun>>>,
 }
 
@@ -86,6 +88,7 @@ impl TaskManager {
             metrics,
             host,
             schedulers: schedulers.filter(|s| !s.is_empty()),
+            flights: Arc::default(),
             running: Mutex::default(),
         }
     }

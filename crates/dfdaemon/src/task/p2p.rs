@@ -13,6 +13,7 @@ use super::source::{self, Prepared};
 use super::{DownloadPlan, TaskManager, TaskRun};
 use crate::error::TaskError;
 use crate::grpc::piece_to_proto;
+use crate::relay::FlightInfo;
 use crate::scheduler::{is_refusal, Announce, AnnounceStream, SchedulerError, Schedulers};
 use d7y_storage::{PieceMeta, StorageError};
 use d7y_types::piece::{piece_length_for, MIN_PIECE_LENGTH};
@@ -36,11 +37,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-/// Pieces in flight from one parent. Few, so that each piece completes soon: a piece is
-/// relayed to the next peer only once it is whole, so k pieces sharing a parent's link
-/// make every hop k piece-times late (measured on a chain of shaped hosts: 8 in flight
-/// cost ~1.4 s per hop). Two keep the link busy across the request round trip; a 4 MiB
-/// piece is far above a LAN's bandwidth-delay product.
+/// Pieces in flight from one parent. Few, so that each piece completes soon: k pieces
+/// sharing a parent's link each take k piece-times, and a piece is verified (and its last
+/// byte relayed, see [`crate::relay`]) only once whole. Two keep the link busy across the
+/// request round trip; a 4 MiB piece is far above a LAN's bandwidth-delay product.
 const PER_PARENT_CAP: usize = 2;
 /// Pieces in flight from a seed peer while other parents are connected.
 const SEED_SHARE_CAP: usize = 1;
@@ -1068,9 +1068,22 @@ async fn fetch_piece(
             expected: "a crc32 digest".into(),
             actual: meta.digest.clone(),
         })?;
+        // From here the piece can be relayed to children while it arrives.
+        let flight = mgr.flights.begin(
+            &task_id,
+            FlightInfo {
+                number,
+                offset,
+                length,
+                digest: meta.digest.clone(),
+                parent_id: parent_id.clone(),
+            },
+        );
+        run.add_arriving(PieceMeta::new(number, offset, length, meta.digest.clone()));
         let limits = [&mgr.download_bandwidth];
         let write_buffer_size = mgr.config.storage.write_buffer_size;
-        let mut sink = PieceSink::new(&writer, &limits, offset, length, write_buffer_size);
+        let mut sink =
+            PieceSink::new(&writer, &limits, offset, length, write_buffer_size).relaying(&flight);
         let mut reader = client.content(length);
         loop {
             match sink.read_from(&mut reader).await {
@@ -1095,10 +1108,10 @@ async fn fetch_piece(
                 actual: actual.to_string(),
             });
         }
-        Ok(actual)
+        Ok((actual, flight))
     };
-    let digest = match tokio::time::timeout(timeout, work).await {
-        Ok(Ok(d)) => d,
+    let (digest, flight) = match tokio::time::timeout(timeout, work).await {
+        Ok(Ok(done)) => done,
         Ok(Err(e)) => return Err(e),
         Err(_) => {
             return Err(transfer(format!(
@@ -1123,5 +1136,6 @@ async fn fetch_piece(
         .with_label_values(&["REMOTE_PEER"])
         .observe(piece.cost_millis as f64);
     run.add_piece(piece.clone());
+    flight.verified();
     Ok(piece)
 }

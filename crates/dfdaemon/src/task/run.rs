@@ -14,6 +14,10 @@ pub struct RunState {
     /// Set once the content length and piece length are known.
     pub started: bool,
     pub pieces: Arc<Vec<PieceMeta>>,
+    /// Pieces that started arriving from a parent and can be relayed before they are whole
+    /// (see [`crate::relay`]), in start order. Only grows; a piece appears again when a
+    /// failed fetch of it is retried.
+    pub arriving: Arc<Vec<PieceMeta>>,
     pub outcome: Option<Result<(), Arc<TaskError>>>,
 }
 
@@ -48,6 +52,7 @@ impl TaskRun {
                 response_header: meta.response_header.clone(),
                 started: true,
                 pieces: Arc::new(pieces),
+                arriving: Arc::default(),
                 outcome: Some(Ok(())),
             }),
         }
@@ -88,6 +93,11 @@ impl TaskRun {
     pub(crate) fn add_piece(&self, piece: PieceMeta) {
         self.state
             .send_modify(|s| Arc::make_mut(&mut s.pieces).push(piece));
+    }
+
+    pub(crate) fn add_arriving(&self, piece: PieceMeta) {
+        self.state
+            .send_modify(|s| Arc::make_mut(&mut s.arriving).push(piece));
     }
 
     pub(crate) fn finish(&self, outcome: Result<(), Arc<TaskError>>) {

@@ -1,8 +1,10 @@
 //! One piece's bytes on their way into the content file: gathered into write-buffer-sized
 //! writes at the piece's offset, hashed, and throttled once per write. Used by both the
-//! back-to-source paths and the peer-to-peer fetch.
+//! back-to-source paths and the peer-to-peer fetch, which also reports each write to the
+//! piece's [`crate::relay`] flight.
 
 use crate::ratelimit::Bandwidth;
+use crate::relay::FlightGuard;
 use bytes::BytesMut;
 use d7y_storage::{ContentWriter, StorageError};
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -15,6 +17,7 @@ pub(super) struct PieceSink<'a> {
     cap: usize,
     buf: BytesMut,
     hasher: crc32fast::Hasher,
+    flight: Option<&'a FlightGuard>,
 }
 
 impl<'a> PieceSink<'a> {
@@ -37,7 +40,14 @@ impl<'a> PieceSink<'a> {
             cap,
             buf: BytesMut::with_capacity(cap),
             hasher: crc32fast::Hasher::new(),
+            flight: None,
         }
+    }
+
+    /// Reports every write to `flight`, so children can be sent the bytes at once.
+    pub(super) fn relaying(mut self, flight: &'a FlightGuard) -> Self {
+        self.flight = Some(flight);
+        self
     }
 
     /// Bytes received so far.
@@ -91,6 +101,9 @@ impl<'a> PieceSink<'a> {
             .write_at(self.offset + self.flushed, data)
             .await?;
         self.flushed += n;
+        if let Some(flight) = self.flight {
+            flight.written(self.flushed);
+        }
         self.buf.reserve(self.cap);
         Ok(())
     }
