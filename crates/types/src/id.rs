@@ -214,15 +214,17 @@ mod tests {
     #[test]
     fn url_based_task_ids_match_upstream() {
         let none: Vec<String> = vec![];
-        let cases: Vec<(
-            &str,
+        /// url, piece length, tag, application, filtered query params, revision, expected ID
+        type Case<'a> = (
+            &'a str,
             Option<u64>,
-            Option<&str>,
-            Option<&str>,
+            Option<&'a str>,
+            Option<&'a str>,
             Vec<String>,
-            Option<&str>,
-            &str,
-        )> = vec![
+            Option<&'a str>,
+            &'a str,
+        );
+        let cases: Vec<Case<'_>> = vec![
             (
                 "https://example.com",
                 Some(1024),
