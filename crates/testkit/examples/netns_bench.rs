@@ -462,6 +462,44 @@ fn run_curl(
     }
 }
 
+/// The issue's targets against one run: (target, measured, met). Reported, never fatal.
+fn targets(
+    df: &SystemResult,
+    aria2: Option<&SystemResult>,
+    t_star: f64,
+    size: f64,
+) -> Vec<(String, String, bool)> {
+    let p50 = quantile(&df.times, 0.5) / t_star;
+    let max = quantile(&df.times, 1.0) / t_star;
+    let origin = df.origin_bytes as f64 / size;
+    let mut rows = vec![
+        (
+            "p50 ≤ 1.25 T*".to_string(),
+            format!("{p50:.2} T*"),
+            p50 <= 1.25,
+        ),
+        (
+            "max ≤ 1.5 T*".to_string(),
+            format!("{max:.2} T*"),
+            max <= 1.5,
+        ),
+        (
+            "origin egress ≤ 1.05 F".to_string(),
+            format!("{origin:.3} F"),
+            origin <= 1.05,
+        ),
+    ];
+    if let Some(a) = aria2 {
+        let ratio = quantile(&df.times, 0.5) / quantile(&a.times, 0.5);
+        rows.push((
+            "faster than aria2 (p50)".to_string(),
+            format!("{ratio:.2}x aria2"),
+            ratio < 1.0,
+        ));
+    }
+    rows
+}
+
 fn main() {
     assert!(
         d7y_testkit::netns::is_root(),
@@ -539,7 +577,30 @@ fn main() {
             r.origin_host_tx as f64 / size as f64,
         );
     }
+    let scheduler_yaml = arg("--scheduler-yaml", "");
     if let Some(df) = results.iter().find(|r| r.name == "dragonfly") {
+        let aria2 = results.iter().find(|r| r.name.starts_with("aria2"));
+        md += &format!(
+            "\nDragonfly's scheduler settings: {}\n\n",
+            if scheduler_yaml.trim().is_empty() {
+                "defaults".to_string()
+            } else {
+                format!(
+                    "`{}`",
+                    scheduler_yaml
+                        .split_whitespace()
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                )
+            }
+        );
+        md += "| target (issue 4) | measured | met |\n|---|---:|---|\n";
+        for (target, measured, met) in targets(df, aria2, t_star, size as f64) {
+            md += &format!(
+                "| {target} | {measured} | {} |\n",
+                if met { "yes" } else { "**no**" }
+            );
+        }
         md += "\nDragonfly, bytes each downloader received by source (MiB): origin / seed peer / other peers\n\n";
         md += "| host | origin | seed | other peers |\n|---|---:|---:|---:|\n";
         for (i, (o, s, p)) in df.sources.iter().enumerate() {
