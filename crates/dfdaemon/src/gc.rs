@@ -2,6 +2,7 @@
 //! recently used first). Leased tasks (being downloaded or uploaded) are never removed.
 
 use crate::metrics::Metrics;
+use crate::scheduler::Schedulers;
 use d7y_config::dfdaemon::GcPolicy;
 use d7y_storage::{now_secs, Storage, TaskMeta};
 use std::sync::Arc;
@@ -92,17 +93,27 @@ async fn remove(storage: &Storage, task_id: &str, reason: &str, metrics: &Metric
 }
 
 /// Runs GC every `interval`, forever.
+/// Runs a GC pass every `interval`, forever, telling the schedulers (when there are any)
+/// which tasks this host no longer holds.
 pub async fn run(
     storage: Storage,
     policy: GcPolicy,
     interval: std::time::Duration,
     metrics: Arc<Metrics>,
+    schedulers: Option<Arc<Schedulers>>,
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.tick().await;
     loop {
         ticker.tick().await;
-        collect(&storage, &policy, &metrics).await;
+        let removed = collect(&storage, &policy, &metrics).await;
+        if let Some(schedulers) = &schedulers {
+            for task_id in removed {
+                if let Err(err) = schedulers.forget_task(&task_id).await {
+                    warn!(task_id, %err, "could not tell the scheduler a task was removed");
+                }
+            }
+        }
     }
 }
 

@@ -249,6 +249,7 @@ pub async fn run_with(
         traffic.sample(Duration::from_secs(1)).await;
         Ok(())
     });
+    let gc_schedulers = manager.schedulers.clone();
     if let Some(schedulers) = schedulers {
         let interval = config.scheduler.announce_interval;
         tasks.spawn(async move {
@@ -261,7 +262,14 @@ pub async fn run_with(
     let gc_metrics = metrics.clone();
     let gc_interval = config.gc.interval;
     tasks.spawn(async move {
-        gc::run(gc_storage, gc_policy, gc_interval, gc_metrics).await;
+        gc::run(
+            gc_storage,
+            gc_policy,
+            gc_interval,
+            gc_metrics,
+            gc_schedulers,
+        )
+        .await;
         Ok(())
     });
 

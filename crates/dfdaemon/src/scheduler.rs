@@ -237,6 +237,45 @@ impl Announce {
 }
 
 impl Schedulers {
+    /// Tells the task's scheduler that this host no longer holds `task_id` (removed by GC or
+    /// on request), so it stops offering this host as a parent for it. Best effort: the
+    /// scheduler also forgets the peer by its TTL, and a child offered a peer without the
+    /// task reschedules. The first scheduler on the ring that answers is told.
+    pub async fn forget_task(&self, task_id: &str) -> Result<(), SchedulerError> {
+        let mut tried = Vec::new();
+        for addr in self.ring.successors(task_id) {
+            tried.push(addr.clone());
+            let channel = match self.channel(addr).await {
+                Ok(channel) => channel,
+                Err(err) => {
+                    debug!(addr, %err, "scheduler unreachable for delete task");
+                    self.forget(addr);
+                    continue;
+                }
+            };
+            let mut request = tonic::Request::new(DeleteTaskRequest {
+                host_id: self.host.host_id.clone(),
+                task_id: task_id.to_string(),
+            });
+            request.set_timeout(REQUEST_TIMEOUT);
+            match SchedulerClient::new(channel).delete_task(request).await {
+                // Not found: the scheduler already forgot it (restart, TTL).
+                Ok(_) => return Ok(()),
+                Err(status) if status.code() == tonic::Code::NotFound => return Ok(()),
+                Err(status) if status.code() == tonic::Code::Unavailable => {
+                    self.forget(addr);
+                }
+                Err(status) => {
+                    return Err(SchedulerError::Refused {
+                        addr: addr.clone(),
+                        message: status.message().to_string(),
+                    })
+                }
+            }
+        }
+        Err(SchedulerError::Unreachable(tried.join(", ")))
+    }
+
     /// Registers a peer of `task_id` with the task's scheduler (failing over along the
     /// ring to the next one that answers) and returns the open announce stream.
     pub async fn open(

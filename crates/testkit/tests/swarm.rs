@@ -308,3 +308,83 @@ fn files_of_one_piece_bypass_the_scheduler() {
         "expected the peer and the seed to register, got {registered}"
     );
 }
+
+/// The scheduler's count of peers in a task (StatTask).
+fn scheduler_peer_count(swarm: &Swarm, task_id: &str) -> u32 {
+    use dragonfly_api::scheduler::v2::scheduler_client::SchedulerClient;
+    use dragonfly_api::scheduler::v2::StatTaskRequest;
+    let addr = format!("http://{}", swarm.scheduler.addr());
+    let task_id = task_id.to_string();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async move {
+            SchedulerClient::connect(addr)
+                .await
+                .unwrap()
+                .stat_task(StatTaskRequest {
+                    task_id,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .peer_count
+        })
+}
+
+/// Deletes a task on a daemon over its unix socket, as dfcache or a tool would.
+fn delete_local_task(daemon: &Daemon, task_id: &str) {
+    use dragonfly_api::dfdaemon::v2::dfdaemon_download_client::DfdaemonDownloadClient;
+    use dragonfly_api::dfdaemon::v2::DeleteTaskRequest;
+    let path = daemon.socket.clone();
+    let task_id = task_id.to_string();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async move {
+            let channel = tonic::transport::Endpoint::try_from("http://local")
+                .unwrap()
+                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                    let path = path.clone();
+                    async move {
+                        tokio::net::UnixStream::connect(path)
+                            .await
+                            .map(hyper_util::rt::TokioIo::new)
+                    }
+                }))
+                .await
+                .unwrap();
+            DfdaemonDownloadClient::new(channel)
+                .delete_task(DeleteTaskRequest {
+                    task_id,
+                    remote_ip: None,
+                })
+                .await
+                .unwrap();
+        });
+}
+
+#[test]
+fn a_deleted_task_is_withdrawn_from_the_scheduler() {
+    let _serial = serial();
+    let swarm = Swarm::start(1, "");
+    let data = random(8 * MIB);
+    let url = swarm.origin.put("withdrawn.bin", data.clone());
+    let out = swarm.peers[0].dfget_output(&url, &swarm.output(0), &[]);
+    assert!(out.status.success(), "{}", swarm.logs());
+    let task_id = only_task_id(&swarm.peers[0]);
+    // The peer and the seed peer it triggered.
+    assert_eq!(
+        scheduler_peer_count(&swarm, &task_id),
+        2,
+        "{}",
+        swarm.logs()
+    );
+
+    delete_local_task(&swarm.peers[0], &task_id);
+    assert_eq!(
+        scheduler_peer_count(&swarm, &task_id),
+        1,
+        "the scheduler still offers the peer that deleted the task\n{}",
+        swarm.logs()
+    );
+}

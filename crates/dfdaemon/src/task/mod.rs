@@ -304,6 +304,11 @@ impl TaskManager {
             return Err(TaskError::NotFound(task_id.to_string()));
         }
         self.storage.delete_task(task_id).await?;
+        if let Some(schedulers) = &self.schedulers {
+            if let Err(err) = schedulers.forget_task(task_id).await {
+                warn!(task_id, %err, "could not tell the scheduler the task was deleted");
+            }
+        }
         Ok(())
     }
 }
