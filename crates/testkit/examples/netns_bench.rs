@@ -13,9 +13,9 @@
 //! `--out`; `scripts/plot_swarm.py` turns the JSON into PNG plots. `--scheduler-yaml TEXT`
 //! appends YAML to the scheduler's config (tuning experiments).
 
-use d7y_testkit::netns::{Hosts, SUBNET_GW};
+use d7y_testkit::netns::{HostSwarm, Hosts, SUBNET_GW};
 use d7y_testkit::swarm::bytes_by_source;
-use d7y_testkit::{bin_path, free_port, Daemon, DaemonOptions, Scheduler};
+use d7y_testkit::{bin_path, free_port};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -192,32 +192,9 @@ fn run_dragonfly(
     n: usize,
 ) -> SystemResult {
     let dir = dir.join("dragonfly");
-    let port = free_port();
-    let sched_addr = format!("{SUBNET_GW}:{port}");
-    let daemon = |i: usize, seed: bool| {
-        Daemon::start_opts(
-            &dir.join(format!("host{i}")),
-            &DaemonOptions {
-                hostname: Some(format!("host{i}")),
-                schedulers: vec![sched_addr.clone()],
-                seed,
-                ip: Some(hosts.ip(i)),
-                netns: Some(hosts.names[i].clone()),
-                ..Default::default()
-            },
-        )
-        .unwrap()
-    };
-    let seed = daemon(0, true);
-    let _scheduler = Scheduler::start_on(
-        &dir.join("scheduler"),
-        SUBNET_GW,
-        port,
-        &[(hosts.ip(0), seed.upload_port)],
-        &arg("--scheduler-yaml", ""),
-    )
-    .unwrap();
-    let peers: Vec<Daemon> = (1..=n).map(|i| daemon(i, false)).collect();
+    let swarm = HostSwarm::start(hosts, &dir, n, &arg("--scheduler-yaml", ""))
+        .expect("start the Dragonfly swarm");
+    let peers = &swarm.peers;
     nginx.take_bytes();
     let tx0 = hosts.tx_bytes(0);
     let outputs: Vec<PathBuf> = (1..=n).map(|i| dir.join(format!("out{i}"))).collect();

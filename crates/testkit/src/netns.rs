@@ -149,3 +149,62 @@ pub fn is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+/// A Dragonfly swarm on emulated hosts: the seed peer on host 0, the scheduler on the
+/// bridge, and one peer on each of hosts 1..=n. Processes stop on drop (before the hosts
+/// they run in, as long as the `Hosts` outlive this).
+pub struct HostSwarm {
+    pub scheduler: crate::Scheduler,
+    pub seed: crate::Daemon,
+    /// `peers[i]` runs on host `i + 1`.
+    pub peers: Vec<crate::Daemon>,
+}
+
+impl HostSwarm {
+    /// Starts the swarm with its files under `dir`; `scheduler_yaml` is appended to the
+    /// scheduler's config.
+    pub fn start(
+        hosts: &Hosts,
+        dir: &std::path::Path,
+        peers: usize,
+        scheduler_yaml: &str,
+    ) -> anyhow::Result<HostSwarm> {
+        anyhow::ensure!(
+            hosts.names.len() > peers,
+            "{peers} peers need {} hosts, there are {}",
+            peers + 1,
+            hosts.names.len()
+        );
+        let port = crate::free_port();
+        let scheduler_addr = format!("{SUBNET_GW}:{port}");
+        let daemon = |i: usize, seed: bool| {
+            crate::Daemon::start_opts(
+                &dir.join(format!("host{i}")),
+                &crate::DaemonOptions {
+                    hostname: Some(format!("host{i}")),
+                    schedulers: vec![scheduler_addr.clone()],
+                    seed,
+                    ip: Some(hosts.ip(i)),
+                    netns: Some(hosts.names[i].clone()),
+                    ..Default::default()
+                },
+            )
+        };
+        let seed = daemon(0, true)?;
+        let scheduler = crate::Scheduler::start_on(
+            &dir.join("scheduler"),
+            SUBNET_GW,
+            port,
+            &[(hosts.ip(0), seed.upload_port)],
+            scheduler_yaml,
+        )?;
+        let peers = (1..=peers)
+            .map(|i| daemon(i, false))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(HostSwarm {
+            scheduler,
+            seed,
+            peers,
+        })
+    }
+}

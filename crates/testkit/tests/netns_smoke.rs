@@ -3,8 +3,8 @@
 //! origin and the scheduler. Needs root (it creates namespaces, links and qdiscs) and cleans
 //! up everything it made, also when an assertion fails.
 
-use d7y_testkit::netns::{Hosts, SUBNET_GW};
-use d7y_testkit::{free_port, Daemon, DaemonOptions, Origin, OriginOptions, Scheduler};
+use d7y_testkit::netns::{HostSwarm, Hosts, SUBNET_GW};
+use d7y_testkit::{Origin, OriginOptions};
 use std::process::Command;
 
 const MIB: usize = 1024 * 1024;
@@ -38,32 +38,8 @@ fn three_peers_on_emulated_hosts_get_identical_files_from_one_origin_copy() {
         ip: Some(SUBNET_GW.parse().unwrap()),
         ..Default::default()
     });
-    let scheduler_port = free_port();
-    let scheduler_addr = format!("{SUBNET_GW}:{scheduler_port}");
-    let daemon = |i: usize, seed: bool| {
-        Daemon::start_opts(
-            &dir.path().join(format!("host{i}")),
-            &DaemonOptions {
-                hostname: Some(format!("host{i}")),
-                schedulers: vec![scheduler_addr.clone()],
-                seed,
-                ip: Some(hosts.ip(i)),
-                netns: Some(hosts.names[i].clone()),
-                ..Default::default()
-            },
-        )
-        .unwrap()
-    };
-    let seed = daemon(0, true);
-    let scheduler = Scheduler::start_on(
-        &dir.path().join("scheduler"),
-        SUBNET_GW,
-        scheduler_port,
-        &[(hosts.ip(0), seed.upload_port)],
-        "",
-    )
-    .unwrap();
-    let peers: Vec<Daemon> = (1..4).map(|i| daemon(i, false)).collect();
+    let swarm = HostSwarm::start(&hosts, dir.path(), 3, "").unwrap();
+    let (scheduler, peers) = (&swarm.scheduler, &swarm.peers);
 
     let size = 32 * MIB;
     let data = d7y_testkit::content(size, 3);
@@ -96,8 +72,6 @@ fn three_peers_on_emulated_hosts_get_identical_files_from_one_origin_copy() {
         served as f64 <= 1.1 * size as f64,
         "origin served {served} bytes for a {size}-byte file"
     );
-    drop(peers);
-    drop(seed);
-    drop(scheduler);
+    drop(swarm);
     drop(hosts);
 }
