@@ -35,39 +35,6 @@ struct Args {
     console: bool,
 }
 
-fn init_logging(args: &Args) -> anyhow::Result<()> {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_new(format!("{},h2=warn,hyper=warn,tower=warn", args.log_level))
-        .map_err(|e| anyhow::anyhow!("invalid --log-level {:?}: {e}", args.log_level))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
-    match &args.log_dir {
-        Some(dir) if !args.console => {
-            std::fs::create_dir_all(dir)?;
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join("dfdaemon.log"))?;
-            builder
-                .with_ansi(false)
-                .with_writer(std::sync::Mutex::new(file))
-                .init();
-        }
-        _ => builder.with_writer(std::io::stderr).init(),
-    }
-    Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
     let config = match Config::load(&args.config) {
@@ -89,24 +56,27 @@ fn main() -> ExitCode {
                 }
             }
         };
-    if let Err(err) = init_logging(&args) {
+    let logging = d7y_telemetry::init_logging(&d7y_telemetry::LogOptions {
+        level: &args.log_level,
+        dir: args.log_dir.as_deref(),
+        file_name: "dfdaemon.log",
+        console: args.console,
+    });
+    if let Err(err) = logging {
         eprintln!("dfdaemon: {err}");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match d7y_telemetry::runtime() {
         Ok(rt) => rt,
         Err(err) => {
-            eprintln!("dfdaemon: cannot start the runtime: {err}");
+            eprintln!("dfdaemon: {err}");
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(d7y_dfdaemon::run_with(
         config,
         schedulers,
-        shutdown_signal(),
+        d7y_telemetry::shutdown_signal(),
     )) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -135,17 +135,6 @@ fn generate(up: &Up) -> anyhow::Result<(SchedulerConfig, DaemonConfig, DaemonCon
     ))
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
-
 async fn up(args: Up) -> anyhow::Result<()> {
     let (scheduler, seed, peer, socket) = generate(&args)?;
     let scheduler_addr = format!("127.0.0.1:{}", args.scheduler_port);
@@ -188,7 +177,7 @@ async fn up(args: Up) -> anyhow::Result<()> {
         );
     }
     let failed = tokio::select! {
-        _ = shutdown_signal() => None,
+        _ = d7y_telemetry::shutdown_signal() => None,
         r = &mut scheduler_task => Some(("scheduler", r.map(|r| r.map_err(anyhow::Error::from)))),
         r = &mut seed_task => Some(("seed peer", r.map(|r| r.map_err(anyhow::Error::from)))),
         r = &mut peer_task => Some(("peer", r.map(|r| r.map_err(anyhow::Error::from)))),
@@ -213,31 +202,20 @@ async fn up(args: Up) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let args = Args::parse();
     let Command::Up(up_args) = args.command;
-    let filter = match tracing_subscriber::EnvFilter::try_new(format!(
-        "{},h2=warn,hyper=warn,tower=warn",
-        up_args.log_level
-    )) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!(
-                "dragonfly: invalid --log-level {:?}: {e}",
-                up_args.log_level
-            );
-            return ExitCode::from(2);
-        }
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let logging = d7y_telemetry::init_logging(&d7y_telemetry::LogOptions {
+        level: &up_args.log_level,
+        dir: None,
+        file_name: "dragonfly.log",
+        console: true,
+    });
+    if let Err(err) = logging {
+        eprintln!("dragonfly: {err}");
+        return ExitCode::from(2);
+    }
+    let runtime = match d7y_telemetry::runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("dragonfly: cannot start the runtime: {e}");
+        Err(err) => {
+            eprintln!("dragonfly: {err}");
             return ExitCode::FAILURE;
         }
     };

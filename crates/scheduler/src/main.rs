@@ -21,15 +21,6 @@ struct Args {
     log_level: String,
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
     let config = if args.config.as_os_str() == DEFAULT_CONFIG_PATH && !args.config.exists() {
@@ -43,32 +34,24 @@ fn main() -> ExitCode {
             }
         }
     };
-    let filter = match tracing_subscriber::EnvFilter::try_new(format!(
-        "{},h2=warn,hyper=warn,tower=warn",
-        args.log_level
-    )) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("scheduler: invalid --log-level {:?}: {e}", args.log_level);
-            return ExitCode::from(2);
-        }
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_writer(std::io::stderr)
-        .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let logging = d7y_telemetry::init_logging(&d7y_telemetry::LogOptions {
+        level: &args.log_level,
+        dir: None,
+        file_name: "scheduler.log",
+        console: true,
+    });
+    if let Err(err) = logging {
+        eprintln!("scheduler: {err}");
+        return ExitCode::from(2);
+    }
+    let runtime = match d7y_telemetry::runtime() {
         Ok(rt) => rt,
         Err(err) => {
-            eprintln!("scheduler: cannot start the runtime: {err}");
+            eprintln!("scheduler: {err}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(d7y_scheduler::run(config, shutdown_signal())) {
+    match runtime.block_on(d7y_scheduler::run(config, d7y_telemetry::shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("scheduler: {err}");
