@@ -19,6 +19,12 @@ impl Swarm {
     /// A scheduler, a seed peer and `n` peers; `peer_download_yaml` goes under each normal
     /// peer's `download:` section.
     pub fn start(n: usize, peer_download_yaml: &str) -> Swarm {
+        Swarm::start_with(n, peer_download_yaml, "")
+    }
+
+    /// [`Swarm::start`], with `peer_extra_yaml` (top-level sections) added to each normal
+    /// peer's config.
+    pub fn start_with(n: usize, peer_download_yaml: &str, peer_extra_yaml: &str) -> Swarm {
         let dir = tempfile::tempdir().unwrap();
         let origin = Origin::start(OriginOptions::default());
         let scheduler_port = free_port();
@@ -48,6 +54,7 @@ impl Swarm {
                         hostname: Some(format!("peer{i}")),
                         schedulers: vec![scheduler_addr.clone()],
                         download_yaml: peer_download_yaml.to_string(),
+                        extra_yaml: peer_extra_yaml.to_string(),
                         ..Default::default()
                     },
                 )

@@ -388,3 +388,33 @@ fn a_deleted_task_is_withdrawn_from_the_scheduler() {
         swarm.logs()
     );
 }
+
+#[test]
+fn a_task_garbage_collected_is_withdrawn_from_the_scheduler() {
+    let _serial = serial();
+    let swarm = Swarm::start_with(1, "", "gc:\n  interval: 1s\n  policy:\n    taskTTL: 2s\n");
+    let data = random(8 * MIB);
+    let url = swarm.origin.put("collected.bin", data.clone());
+    let out = swarm.peers[0].dfget_output(&url, &swarm.output(0), &[]);
+    assert!(out.status.success(), "{}", swarm.logs());
+    assert!(same_file(&swarm.output(0), &data));
+    let task_id = only_task_id(&swarm.peers[0]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let gone = !swarm.peers[0]
+            .data_dir()
+            .join("content/tasks")
+            .join(&task_id[..3])
+            .join(&task_id)
+            .exists();
+        if gone && scheduler_peer_count(&swarm, &task_id) == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after GC (content gone: {gone}) the scheduler still lists the peer\n{}",
+            swarm.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
