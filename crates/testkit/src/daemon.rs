@@ -217,6 +217,42 @@ impl Daemon {
         self.dir.join("data")
     }
 
+    /// Where the daemon stores its tasks' content files (upstream's layout).
+    pub fn tasks_dir(&self) -> PathBuf {
+        self.data_dir().join("content").join("tasks")
+    }
+
+    /// The content file of one task.
+    pub fn content_path(&self, task_id: &str) -> PathBuf {
+        self.tasks_dir().join(&task_id[..3]).join(task_id)
+    }
+
+    /// A `DfdaemonDownload` client on the daemon's unix socket, as dfget and dfcache use.
+    pub async fn download_client(
+        &self,
+    ) -> anyhow::Result<
+        dragonfly_api::dfdaemon::v2::dfdaemon_download_client::DfdaemonDownloadClient<
+            tonic::transport::Channel,
+        >,
+    > {
+        let path = self.socket.clone();
+        let channel = tonic::transport::Endpoint::try_from("http://local")?
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let path = path.clone();
+                async move {
+                    tokio::net::UnixStream::connect(path)
+                        .await
+                        .map(hyper_util::rt::TokioIo::new)
+                }
+            }))
+            .await?;
+        Ok(
+            dragonfly_api::dfdaemon::v2::dfdaemon_download_client::DfdaemonDownloadClient::new(
+                channel,
+            ),
+        )
+    }
+
     /// A dfget command aimed at this daemon, without progress output.
     pub fn dfget(&self, url: &str, output: &Path) -> Command {
         let mut cmd = Command::new(bin_path("dfget"));

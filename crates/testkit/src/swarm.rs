@@ -135,7 +135,7 @@ pub fn bytes_by_parent(daemon: &Daemon) -> Vec<(Option<String>, u64)> {
 
 /// The task ID of the content file a daemon stores (the tests download one file per daemon).
 pub fn only_task_id(daemon: &Daemon) -> String {
-    let tasks = daemon.data_dir().join("content").join("tasks");
+    let tasks = daemon.tasks_dir();
     std::fs::read_dir(&tasks)
         .unwrap()
         .flat_map(|prefix| std::fs::read_dir(prefix.unwrap().path()).unwrap())

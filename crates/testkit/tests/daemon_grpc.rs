@@ -1,7 +1,6 @@
 //! The daemon's gRPC surfaces as a remote peer and a local tool see them.
 
 use d7y_testkit::{content, Daemon, Origin, OriginOptions};
-use dragonfly_api::dfdaemon::v2::dfdaemon_download_client::DfdaemonDownloadClient;
 use dragonfly_api::dfdaemon::v2::dfdaemon_upload_client::DfdaemonUploadClient;
 use dragonfly_api::dfdaemon::v2::{
     DeleteTaskRequest, ListLocalTasksRequest, StatLocalTaskRequest, SyncHostRequest,
@@ -10,23 +9,6 @@ use dragonfly_api::dfdaemon::v2::{
 use std::time::{Duration, Instant};
 
 const MIB: usize = 1024 * 1024;
-
-async fn local_client(daemon: &Daemon) -> DfdaemonDownloadClient<tonic::transport::Channel> {
-    let path = daemon.socket.clone();
-    let channel = tonic::transport::Endpoint::try_from("http://local")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                tokio::net::UnixStream::connect(path)
-                    .await
-                    .map(hyper_util::rt::TokioIo::new)
-            }
-        }))
-        .await
-        .unwrap();
-    DfdaemonDownloadClient::new(channel)
-}
 
 #[test]
 fn sync_pieces_streams_pieces_while_downloading() {
@@ -58,7 +40,7 @@ fn sync_pieces_streams_pieces_while_downloading() {
         .unwrap();
     rt.block_on(async {
         // Find the task as soon as the daemon registers it.
-        let mut local = local_client(&daemon).await;
+        let mut local = daemon.download_client().await.unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);
         let task_id = loop {
             let tasks = local

@@ -99,7 +99,7 @@ fn peers_finish_when_a_parent_dies() {
     // Wait until peer0 holds pieces others can take, then kill it.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let has = std::fs::read_dir(swarm.peers[0].data_dir().join("content").join("tasks"))
+        let has = std::fs::read_dir(swarm.peers[0].tasks_dir())
             .map(|mut d| d.next().is_some())
             .unwrap_or(false);
         if has {
@@ -154,11 +154,7 @@ fn a_corrupt_parent_is_detected_reported_and_not_used_again() {
     let out = swarm.peers[0].dfget_output(&url, &swarm.output(0), &[]);
     assert!(out.status.success(), "{}", swarm.logs());
     let task_id = only_task_id(&swarm.peers[0]);
-    let content = swarm.peers[0]
-        .data_dir()
-        .join("content/tasks")
-        .join(&task_id[..3])
-        .join(&task_id);
+    let content = swarm.peers[0].content_path(&task_id);
     let mut bytes = std::fs::read(&content).unwrap();
     for b in bytes.iter_mut().step_by(4096) {
         *b ^= 0xff;
@@ -334,26 +330,15 @@ fn scheduler_peer_count(swarm: &Swarm, task_id: &str) -> u32 {
 
 /// Deletes a task on a daemon over its unix socket, as dfcache or a tool would.
 fn delete_local_task(daemon: &Daemon, task_id: &str) {
-    use dragonfly_api::dfdaemon::v2::dfdaemon_download_client::DfdaemonDownloadClient;
     use dragonfly_api::dfdaemon::v2::DeleteTaskRequest;
-    let path = daemon.socket.clone();
     let task_id = task_id.to_string();
     tokio::runtime::Runtime::new()
         .unwrap()
         .block_on(async move {
-            let channel = tonic::transport::Endpoint::try_from("http://local")
-                .unwrap()
-                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                    let path = path.clone();
-                    async move {
-                        tokio::net::UnixStream::connect(path)
-                            .await
-                            .map(hyper_util::rt::TokioIo::new)
-                    }
-                }))
+            daemon
+                .download_client()
                 .await
-                .unwrap();
-            DfdaemonDownloadClient::new(channel)
+                .unwrap()
                 .delete_task(DeleteTaskRequest {
                     task_id,
                     remote_ip: None,
@@ -401,12 +386,7 @@ fn a_task_garbage_collected_is_withdrawn_from_the_scheduler() {
     let task_id = only_task_id(&swarm.peers[0]);
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let gone = !swarm.peers[0]
-            .data_dir()
-            .join("content/tasks")
-            .join(&task_id[..3])
-            .join(&task_id)
-            .exists();
+        let gone = !swarm.peers[0].content_path(&task_id).exists();
         if gone && scheduler_peer_count(&swarm, &task_id) == 1 {
             break;
         }
