@@ -56,21 +56,16 @@ fn main() -> ExitCode {
                 }
             }
         };
-    let logging = d7y_telemetry::init_logging(&d7y_telemetry::LogOptions {
+    let runtime = match d7y_telemetry::setup(&d7y_telemetry::LogOptions {
         level: &args.log_level,
         dir: args.log_dir.as_deref(),
         file_name: "dfdaemon.log",
         console: args.console,
-    });
-    if let Err(err) = logging {
-        eprintln!("dfdaemon: {err}");
-        return ExitCode::from(2);
-    }
-    let runtime = match d7y_telemetry::runtime() {
+    }) {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("dfdaemon: {err}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(err.exit_code());
         }
     };
     match runtime.block_on(d7y_dfdaemon::run_with(

@@ -195,21 +195,16 @@ async fn up(args: Up) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let args = Args::parse();
     let Command::Up(up_args) = args.command;
-    let logging = d7y_telemetry::init_logging(&d7y_telemetry::LogOptions {
+    let runtime = match d7y_telemetry::setup(&d7y_telemetry::LogOptions {
         level: &up_args.log_level,
         dir: None,
         file_name: "dragonfly.log",
         console: true,
-    });
-    if let Err(err) = logging {
-        eprintln!("dragonfly: {err}");
-        return ExitCode::from(2);
-    }
-    let runtime = match d7y_telemetry::runtime() {
+    }) {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("dragonfly: {err}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(err.exit_code());
         }
     };
     match runtime.block_on(up(up_args)) {

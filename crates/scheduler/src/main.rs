@@ -34,21 +34,16 @@ fn main() -> ExitCode {
             }
         }
     };
-    let logging = d7y_telemetry::init_logging(&d7y_telemetry::LogOptions {
+    let runtime = match d7y_telemetry::setup(&d7y_telemetry::LogOptions {
         level: &args.log_level,
         dir: None,
         file_name: "scheduler.log",
         console: true,
-    });
-    if let Err(err) = logging {
-        eprintln!("scheduler: {err}");
-        return ExitCode::from(2);
-    }
-    let runtime = match d7y_telemetry::runtime() {
+    }) {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("scheduler: {err}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(err.exit_code());
         }
     };
     match runtime.block_on(d7y_scheduler::run(config, d7y_telemetry::shutdown_signal())) {

@@ -18,6 +18,22 @@ pub enum SetupError {
     Runtime(std::io::Error),
 }
 
+impl SetupError {
+    /// The process exit code: 2 for bad input (flags, log directory), 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            SetupError::LogLevel { .. } | SetupError::LogFile { .. } => 2,
+            SetupError::Runtime(_) => 1,
+        }
+    }
+}
+
+/// Installs the log subscriber and builds the runtime, in that order.
+pub fn setup(options: &LogOptions<'_>) -> Result<tokio::runtime::Runtime, SetupError> {
+    init_logging(options)?;
+    runtime()
+}
+
 /// Where and how much to log.
 #[derive(Debug, Clone)]
 pub struct LogOptions<'a> {
@@ -40,7 +56,7 @@ fn filter(level: &str) -> Result<tracing_subscriber::EnvFilter, SetupError> {
 }
 
 /// Installs the process-wide log subscriber.
-pub fn init_logging(options: &LogOptions<'_>) -> Result<(), SetupError> {
+fn init_logging(options: &LogOptions<'_>) -> Result<(), SetupError> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter(options.level)?)
         .with_target(false);
@@ -69,7 +85,7 @@ pub fn init_logging(options: &LogOptions<'_>) -> Result<(), SetupError> {
 }
 
 /// The multi-threaded runtime the binaries run on.
-pub fn runtime() -> Result<tokio::runtime::Runtime, SetupError> {
+fn runtime() -> Result<tokio::runtime::Runtime, SetupError> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
