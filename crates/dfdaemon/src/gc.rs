@@ -92,7 +92,6 @@ async fn remove(storage: &Storage, task_id: &str, reason: &str, metrics: &Metric
     }
 }
 
-/// Runs GC every `interval`, forever.
 /// Runs a GC pass every `interval`, forever, telling the schedulers (when there are any)
 /// which tasks this host no longer holds.
 pub async fn run(

@@ -190,10 +190,11 @@ fn run_dragonfly(
     url: &str,
     data: &[u8],
     n: usize,
+    scheduler_yaml: &str,
 ) -> SystemResult {
     let dir = dir.join("dragonfly");
-    let swarm = HostSwarm::start(hosts, &dir, n, &arg("--scheduler-yaml", ""))
-        .expect("start the Dragonfly swarm");
+    let swarm =
+        HostSwarm::start(hosts, &dir, n, scheduler_yaml).expect("start the Dragonfly swarm");
     let peers = &swarm.peers;
     nginx.take_bytes();
     let tx0 = hosts.tx_bytes(0);
@@ -486,6 +487,7 @@ fn main() {
     let size_mib: usize = arg("--size-mib", "256").parse().unwrap();
     let rate = arg("--rate", "200mbit");
     let systems = arg("--systems", "dragonfly,aria2,curl");
+    let scheduler_yaml = arg("--scheduler-yaml", "");
     let out = PathBuf::from(arg("--out", "target/netns-bench"));
     let _ = bin_path("dfdaemon"); // fail early when the binaries are not built
     d7y_testkit::netns::cleanup(PREFIX);
@@ -516,7 +518,9 @@ fn main() {
     for system in systems.split(',') {
         eprintln!("running {system} ...");
         let r = match system {
-            "dragonfly" => run_dragonfly(&hosts, &nginx, work.path(), &url, &data, n),
+            "dragonfly" => {
+                run_dragonfly(&hosts, &nginx, work.path(), &url, &data, n, &scheduler_yaml)
+            }
             "aria2" => run_aria2(&hosts, work.path(), &www, &data, n, tracker_port),
             "curl" => run_curl(&hosts, &nginx, work.path(), &url, &data, n),
             other => panic!("unknown system {other}"),
@@ -554,7 +558,6 @@ fn main() {
             r.origin_host_tx as f64 / size as f64,
         );
     }
-    let scheduler_yaml = arg("--scheduler-yaml", "");
     if let Some(df) = results.iter().find(|r| r.name == "dragonfly") {
         let aria2 = results.iter().find(|r| r.name.starts_with("aria2"));
         md += &format!(
