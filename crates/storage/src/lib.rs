@@ -8,14 +8,22 @@
 //! and their CRC-32 computed, so any piece the metadata lists can be served as is. A task is
 //! finished when its content length is known and every piece has a record.
 //!
+//! **Durability:** a record reaches the metadata store only after the content file was
+//! synced ([`commit`]), and a task is marked finished only after its records did. Tasks
+//! found at start-up are verified on first use this boot ([`Storage::verify_task`],
+//! [`Storage::check_piece`]): a piece whose bytes do not match its CRC loses its record (the
+//! task is downloaded again where it is missing), and is never served.
+//!
 //! Tasks in use hold a [`TaskLease`]; garbage collection never removes a leased task.
 
+mod commit;
 mod metadata;
 
 pub use metadata::{PieceMeta, TaskMeta};
 
+use commit::Committer;
 use metadata::MetadataStore;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -73,7 +81,11 @@ impl DiskUsage {
 struct Inner {
     dir: PathBuf,
     content_dir: PathBuf,
-    metadata: MetadataStore,
+    metadata: Arc<MetadataStore>,
+    committer: Arc<Committer>,
+    /// Tasks found at start-up, with the pieces verified since: their bytes may not have
+    /// survived a crash (or a disk that lied about a flush), so each is checked once.
+    unverified: Mutex<HashMap<String, HashSet<u32>>>,
     /// task id -> number of live leases.
     leases: Mutex<HashMap<String, usize>>,
     /// task id -> last access (seconds), for accesses not worth a metadata write (piece uploads).
@@ -133,12 +145,20 @@ impl Storage {
         for d in [&content_dir, &metadata_dir] {
             std::fs::create_dir_all(d).map_err(io_err(d))?;
         }
-        let metadata = MetadataStore::open(&metadata_dir.join("metadata.redb"))?;
+        let metadata = Arc::new(MetadataStore::open(&metadata_dir.join("metadata.redb"))?);
+        let unverified = metadata
+            .list_tasks()?
+            .into_iter()
+            .map(|t| (t.id, HashSet::new()))
+            .collect();
+        let committer = Committer::start(metadata.clone());
         Ok(Storage {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 content_dir,
                 metadata,
+                committer,
+                unverified: Mutex::new(unverified),
                 leases: Mutex::default(),
                 touched: Mutex::default(),
             }),
@@ -216,39 +236,170 @@ impl Storage {
         self.blocking(move |inner| inner.metadata.task(&id)).await
     }
 
+    /// Records a task; a finished task only after all its piece records are committed.
     pub async fn put_task(&self, meta: TaskMeta) -> Result<()> {
         check_task_id(&meta.id)?;
-        self.blocking(move |inner| inner.metadata.put_task(&meta))
+        self.blocking(move |inner| {
+            if meta.is_finished() {
+                inner.committer.flush(&inner.metadata, Some(&meta.id))?;
+            }
+            inner.metadata.put_task(&meta)
+        })
+        .await
+    }
+
+    /// Commits every queued piece record now (at shutdown).
+    pub async fn flush_all(&self) -> Result<()> {
+        self.blocking(|inner| inner.committer.flush(&inner.metadata, None))
             .await
+    }
+
+    /// Commits the task's piece records now (they are committed in batches otherwise).
+    pub async fn flush(&self, task_id: &str) -> Result<()> {
+        let id = task_id.to_string();
+        self.blocking(move |inner| inner.committer.flush(&inner.metadata, Some(&id)))
+            .await
+    }
+
+    /// Checks, once per boot, that the bytes of every piece of a task found at start-up
+    /// match their CRCs. A piece that does not loses its record, and the task is no longer
+    /// finished. Returns the pieces dropped.
+    pub async fn verify_task(&self, task_id: &str) -> Result<Vec<u32>> {
+        if !self.needs_verification(task_id) {
+            return Ok(Vec::new());
+        }
+        let pieces = self.pieces(task_id).await?;
+        let mut bad = Vec::new();
+        for piece in &pieces {
+            if !self.check_piece(task_id, piece).await? {
+                bad.push(piece.number);
+            }
+        }
+        self.inner
+            .unverified
+            .lock()
+            .expect("verify lock")
+            .remove(task_id);
+        Ok(bad)
+    }
+
+    fn needs_verification(&self, task_id: &str) -> bool {
+        self.inner
+            .unverified
+            .lock()
+            .expect("verify lock")
+            .contains_key(task_id)
+    }
+
+    /// Whether a piece's bytes can be served: always for pieces written since start-up;
+    /// for older ones, once their bytes matched their CRC (checked at the first request).
+    /// A piece that fails loses its record and un-finishes its task.
+    pub async fn check_piece(&self, task_id: &str, piece: &PieceMeta) -> Result<bool> {
+        let known_good = {
+            let map = self.inner.unverified.lock().expect("verify lock");
+            match map.get(task_id) {
+                None => true,
+                Some(done) => done.contains(&piece.number),
+            }
+        };
+        if known_good {
+            return Ok(true);
+        }
+        let path = self.content_path(task_id)?;
+        let id = task_id.to_string();
+        let piece = piece.clone();
+        self.blocking(move |inner| {
+            use std::os::unix::fs::FileExt;
+            let expected = piece
+                .digest
+                .strip_prefix("crc32:")
+                .and_then(|v| v.parse::<u32>().ok());
+            let mut buf = vec![0u8; piece.length as usize];
+            let matches = match std::fs::File::open(&path) {
+                Ok(file) => match file.read_exact_at(&mut buf, piece.offset) {
+                    Ok(()) => expected == Some(crc32fast::hash(&buf)),
+                    Err(_) => false,
+                },
+                Err(_) => false,
+            };
+            if matches {
+                if let Some(done) = inner.unverified.lock().expect("verify lock").get_mut(&id) {
+                    done.insert(piece.number);
+                }
+                return Ok(true);
+            }
+            tracing::warn!(
+                task_id = id,
+                number = piece.number,
+                "a stored piece no longer matches its CRC (lost in a crash?); dropping it"
+            );
+            inner.metadata.delete_piece(&id, piece.number)?;
+            if let Some(mut meta) = inner.metadata.task(&id)? {
+                if meta.finished_at.take().is_some() {
+                    inner.metadata.put_task(&meta)?;
+                }
+            }
+            Ok(false)
+        })
+        .await
     }
 
     pub async fn list_tasks(&self) -> Result<Vec<TaskMeta>> {
         self.blocking(|inner| inner.metadata.list_tasks()).await
     }
 
+    /// Every piece record of a task, committed or not, by number.
     pub async fn pieces(&self, task_id: &str) -> Result<Vec<PieceMeta>> {
         let id = task_id.to_string();
-        self.blocking(move |inner| inner.metadata.pieces(&id)).await
+        self.blocking(move |inner| {
+            let mut by_number: std::collections::BTreeMap<u32, PieceMeta> = inner
+                .metadata
+                .pieces(&id)?
+                .into_iter()
+                .map(|p| (p.number, p))
+                .collect();
+            for p in inner.committer.all(&id) {
+                by_number.insert(p.number, p);
+            }
+            Ok(by_number.into_values().collect())
+        })
+        .await
     }
 
     pub async fn piece(&self, task_id: &str, number: u32) -> Result<Option<PieceMeta>> {
+        if let Some(p) = self.inner.committer.get(task_id, number) {
+            return Ok(Some(p));
+        }
         let id = task_id.to_string();
         self.blocking(move |inner| inner.metadata.piece(&id, number))
             .await
     }
 
-    /// Records a finished piece. Call only after its bytes are in the content file.
+    /// Records a finished piece. Call only after its bytes are in the content file. The
+    /// record is visible at once and committed once the content file is synced.
     pub async fn put_piece(&self, task_id: &str, piece: PieceMeta) -> Result<()> {
-        let id = task_id.to_string();
-        self.blocking(move |inner| inner.metadata.put_piece(&id, &piece))
-            .await
+        let content = self.content_path(task_id)?;
+        if let Some(done) = self
+            .inner
+            .unverified
+            .lock()
+            .expect("verify lock")
+            .get_mut(task_id)
+        {
+            done.insert(piece.number); // written this boot
+        }
+        self.inner.committer.add(task_id, content, piece);
+        Ok(())
     }
 
     /// Forgets piece records (used when a task's layout must be rebuilt).
     pub async fn clear_pieces(&self, task_id: &str) -> Result<()> {
         let id = task_id.to_string();
-        self.blocking(move |inner| inner.metadata.clear_pieces(&id))
-            .await
+        self.blocking(move |inner| {
+            inner.committer.forget(&id);
+            inner.metadata.clear_pieces(&id)
+        })
+        .await
     }
 
     /// Creates (or reopens) the content file of a task for positional writes.
@@ -289,6 +440,8 @@ impl Storage {
         let path = self.content_path(task_id)?;
         let id = task_id.to_string();
         self.blocking(move |inner| {
+            inner.committer.forget(&id);
+            inner.unverified.lock().expect("verify lock").remove(&id);
             inner.metadata.delete_task(&id)?;
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
@@ -321,6 +474,14 @@ impl Storage {
             total: stat.f_blocks * stat.f_frsize,
             available: stat.f_bavail * stat.f_frsize,
         })
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Err(err) = self.committer.shutdown(&self.metadata) {
+            tracing::warn!(%err, "committing piece records at shutdown failed");
+        }
     }
 }
 
@@ -431,5 +592,81 @@ mod tests {
         for bad in ["../../etc/passwd", "ab", "a/b/c/d", ""] {
             assert!(s.content_path(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A task of two 4-byte pieces written and recorded, under `fault`.
+    async fn write_task(s: &Storage, id: &str, fault: commit::Fault) {
+        *s.inner.committer.fault.lock().unwrap() = fault;
+        let mut meta = task(id);
+        meta.content_length = Some(8);
+        meta.piece_length = Some(4);
+        s.put_task(meta.clone()).await.unwrap();
+        let w = s.open_content_for_write(id).await.unwrap();
+        for (n, bytes) in [(0u32, b"abcd"), (1, b"efgh")] {
+            w.write_at(n as u64 * 4, bytes::Bytes::from_static(bytes))
+                .await
+                .unwrap();
+            let crc = crc32fast::hash(bytes);
+            s.put_piece(
+                id,
+                PieceMeta::new(n, n as u64 * 4, 4, format!("crc32:{crc}")),
+            )
+            .await
+            .unwrap();
+        }
+        // Visible at once, before any commit.
+        assert_eq!(s.pieces(id).await.unwrap().len(), 2);
+        meta.finished_at = Some(now_secs());
+        let _ = s.put_task(meta).await;
+    }
+
+    #[tokio::test]
+    async fn a_crash_before_the_sync_commits_no_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = "e".repeat(64);
+        {
+            let s = Storage::open(dir.path(), true).unwrap();
+            write_task(&s, &id, commit::Fault::CrashBeforeSync).await;
+            // The process dies: nothing more is committed (the shutdown flush is the
+            // crash's victim too).
+            *s.inner.committer.fault.lock().unwrap() = commit::Fault::CrashBeforeSync;
+        }
+        let s = Storage::open(dir.path(), true).unwrap();
+        assert!(
+            s.pieces(&id).await.unwrap().is_empty(),
+            "a record outlived its bytes' sync"
+        );
+        let meta = s.task(&id).await.unwrap().unwrap();
+        assert!(!meta.is_finished(), "a task finished without its records");
+    }
+
+    #[tokio::test]
+    async fn bytes_lost_behind_committed_records_are_caught_on_first_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = "f".repeat(64);
+        {
+            let s = Storage::open(dir.path(), true).unwrap();
+            write_task(&s, &id, commit::Fault::LoseBytesAfterCommit).await;
+            *s.inner.committer.fault.lock().unwrap() = commit::Fault::None;
+        }
+        let s = Storage::open(dir.path(), true).unwrap();
+        assert!(s.task(&id).await.unwrap().unwrap().is_finished());
+        // A child asks for piece 0: its bytes are zeros, so it is not served.
+        let piece = s.piece(&id, 0).await.unwrap().unwrap();
+        assert!(!s.check_piece(&id, &piece).await.unwrap());
+        assert!(s.piece(&id, 0).await.unwrap().is_none());
+        assert!(!s.task(&id).await.unwrap().unwrap().is_finished());
+        // The rest is checked on the task's first use.
+        assert_eq!(s.verify_task(&id).await.unwrap(), vec![1]);
+        assert!(s.pieces(&id).await.unwrap().is_empty());
+
+        // A good task found at start-up passes, once.
+        let good = "9".repeat(64);
+        write_task(&s, &good, commit::Fault::None).await;
+        drop(s);
+        let s = Storage::open(dir.path(), true).unwrap();
+        assert!(s.verify_task(&good).await.unwrap().is_empty());
+        assert_eq!(s.pieces(&good).await.unwrap().len(), 2);
+        assert!(s.task(&good).await.unwrap().unwrap().is_finished());
     }
 }

@@ -158,14 +158,29 @@ impl MetadataStore {
         }
     }
 
-    pub(crate) fn put_piece(&self, id: &str, piece: &PieceMeta) -> Result<()> {
-        let value = serde_json::to_vec(piece).map_err(db_err)?;
+    /// Records many pieces in one transaction.
+    pub(crate) fn put_pieces(&self, pieces: &[(&str, &PieceMeta)]) -> Result<()> {
+        if pieces.is_empty() {
+            return Ok(());
+        }
         let txn = self.db.begin_write().map_err(db_err)?;
         {
             let mut table = txn.open_table(PIECES).map_err(db_err)?;
-            table
-                .insert((id, piece.number), value.as_slice())
-                .map_err(db_err)?;
+            for (id, piece) in pieces {
+                let value = serde_json::to_vec(piece).map_err(db_err)?;
+                table
+                    .insert((*id, piece.number), value.as_slice())
+                    .map_err(db_err)?;
+            }
+        }
+        txn.commit().map_err(db_err)
+    }
+
+    pub(crate) fn delete_piece(&self, id: &str, number: u32) -> Result<()> {
+        let txn = self.db.begin_write().map_err(db_err)?;
+        {
+            let mut table = txn.open_table(PIECES).map_err(db_err)?;
+            table.remove((id, number)).map_err(db_err)?;
         }
         txn.commit().map_err(db_err)
     }

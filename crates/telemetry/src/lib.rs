@@ -79,7 +79,12 @@ fn init_logging(options: &LogOptions<'_>) -> Result<(), SetupError> {
                 .with_writer(std::sync::Mutex::new(file))
                 .init();
         }
-        _ => builder.with_writer(std::io::stderr).init(),
+        // Colours only for a terminal: redirected logs (files, journald, test harnesses)
+        // get plain text.
+        _ => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .init(),
     }
     Ok(())
 }

@@ -104,6 +104,16 @@ pub fn task_id(params: &TaskIdParams<'_>) -> Result<String, IdError> {
     Ok(hex::encode(hasher.finalize()))
 }
 
+/// Length of a task ID: 64 lowercase hex characters (a SHA-256), the only form Vortex can
+/// carry (its request holds exactly 64 bytes of task ID).
+pub const TASK_ID_LEN: usize = 64;
+
+/// Whether `id` is a well-formed task ID. Anything that reaches a map, a file name or a
+/// metric from the network is checked with this first.
+pub fn is_task_id(id: &str) -> bool {
+    id.len() == TASK_ID_LEN && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// The hex of the digest in an OCI blob URL (`/v2/<name>/blobs/sha256:<hex>`), if it is one.
 pub fn blob_digest_encoded(url: &str) -> Option<String> {
     let url = Url::parse(url).ok()?;
@@ -113,12 +123,9 @@ pub fn blob_digest_encoded(url: &str) -> Option<String> {
         return None;
     }
     let (algorithm, encoded) = segments[segments.len() - 1].split_once(':')?;
-    let valid = match algorithm {
-        "sha256" => encoded.len() == 64,
-        "sha512" => encoded.len() == 128,
-        _ => false,
-    };
-    (valid && encoded.bytes().all(|b| b.is_ascii_hexdigit())).then(|| encoded.to_string())
+    // Only a sha256 digest can be a task ID (see [`is_task_id`]); a sha512 blob gets a
+    // URL-based ID. OCI digests are lowercase hex.
+    (algorithm == "sha256" && is_task_id(encoded)).then(|| encoded.to_string())
 }
 
 /// Go's `url.QueryEscape`.
@@ -386,9 +393,34 @@ mod tests {
             "http://r/v2/blobs/sha256:b2c366cce7e68013d5441c6326d5a3e1b12aeb5ed58564d0fd3fa089bc29cb6e",
             "http://r/v2/x/manifests/sha256:b2c366cce7e68013d5441c6326d5a3e1b12aeb5ed58564d0fd3fa089bc29cb6e",
             "http://r/v2/x/blobs/sha256:abc",
+            // uppercase hex is not an OCI digest, and a sha512 digest cannot be a task ID
+            "http://r/v2/x/blobs/sha256:B2C366CCE7E68013D5441C6326D5A3E1B12AEB5ED58564D0FD3FA089BC29CB6E",
+            &format!("http://r/v2/x/blobs/sha512:{}", "ab".repeat(64)),
         ] {
             assert_eq!(blob_digest_encoded(url), None, "{url}");
         }
+    }
+
+    #[test]
+    fn task_ids_are_64_lowercase_hex() {
+        assert!(is_task_id(&"0123456789abcdef".repeat(4)));
+        for bad in [
+            String::new(),
+            "a".repeat(63),
+            "a".repeat(65),
+            "A".repeat(64),
+            format!("{}g", "a".repeat(63)),
+            format!("../{}", "a".repeat(61)),
+        ] {
+            assert!(!is_task_id(&bad), "{bad}");
+        }
+        // every derived ID is one
+        let id = task_id(&TaskIdParams {
+            url: "https://example.com/x?y=1",
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(is_task_id(&id));
     }
 
     #[test]

@@ -10,7 +10,17 @@ pub mod hashring;
 pub mod id;
 pub mod piece;
 
+/// The metric label of a priority number from the wire: only the values of upstream's
+/// `Priority` enum (LEVEL0..LEVEL6), so remote input cannot grow a label set.
+pub fn priority_label(priority: i32) -> &'static str {
+    const LABELS: [&str; 7] = ["0", "1", "2", "3", "4", "5", "6"];
+    usize::try_from(priority)
+        .ok()
+        .and_then(|i| LABELS.get(i).copied())
+        .unwrap_or("invalid")
+}
+
 pub use digest::{Algorithm, Digest, DigestError, Hasher};
 pub use hashring::HashRing;
-pub use id::{HostIdentity, IdError, TaskIdParams};
+pub use id::{is_task_id, HostIdentity, IdError, TaskIdParams, TASK_ID_LEN};
 pub use piece::{PieceError, PieceLayout};

@@ -5,29 +5,44 @@ use crate::VortexError;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
 use vortex_protocol::tlv::download_piece::DownloadPiece;
 use vortex_protocol::tlv::piece_metadata::PieceMetadata;
 use vortex_protocol::Vortex;
 
+/// The bytes of a `DownloadPiece` request.
+pub fn encode_request(task_id: &str, number: u32) -> bytes::BytesMut {
+    encode(&DownloadPiece::new(task_id.to_string(), number))
+}
+
 /// One connection to a parent's Vortex server.
 pub struct Client {
-    stream: BufReader<TcpStream>,
+    stream: BufReader<d7y_net::Io>,
     addr: SocketAddr,
 }
 
 impl Client {
     /// Connects with a timeout.
     pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Client, VortexError> {
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| {
-                VortexError::Io(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("connect to {addr} timed out"),
-                ))
-            })??;
-        stream.set_nodelay(true)?;
+        Client::connect_with(addr, None, timeout, None).await
+    }
+
+    /// Connects from a chosen local address (`None`: the system's choice).
+    pub async fn connect_from(
+        addr: SocketAddr,
+        local: Option<std::net::IpAddr>,
+        timeout: Duration,
+    ) -> Result<Client, VortexError> {
+        Client::connect_with(addr, local, timeout, None).await
+    }
+
+    /// Connects from `local`, over (mutual) TLS when `tls` is set.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        local: Option<std::net::IpAddr>,
+        timeout: Duration,
+        tls: Option<&d7y_net::ClientTls>,
+    ) -> Result<Client, VortexError> {
+        let stream = d7y_net::connect(addr, local, timeout, tls, &[]).await?;
         Ok(Client {
             stream: BufReader::with_capacity(256 * 1024, stream),
             addr,
@@ -45,8 +60,11 @@ impl Client {
         task_id: &str,
         number: u32,
     ) -> Result<PieceMetadata, VortexError> {
-        let request = encode(&DownloadPiece::new(task_id.to_string(), number));
-        self.stream.get_mut().write_all(&request).await?;
+        let request = encode_request(task_id, number);
+        let stream = self.stream.get_mut();
+        stream.write_all(&request).await?;
+        // Over TLS the request sits in the session until flushed.
+        stream.flush().await?;
         match read_packet(&mut self.stream).await? {
             Some(Vortex::PieceContent(_, content)) => Ok(content.metadata),
             Some(Vortex::Error(_, err)) => Err(VortexError::Remote {

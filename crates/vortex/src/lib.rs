@@ -11,9 +11,9 @@ mod client;
 mod frame;
 mod server;
 
-pub use client::Client;
+pub use client::{encode_request, Client};
 pub use frame::{read_packet, MAX_CONTROL_VALUE_LEN};
-pub use server::{serve, OpenedPiece, PieceProvider, ServeError};
+pub use server::{serve, OpenedPiece, PieceProvider, ServeError, ServerLimits};
 pub use vortex_protocol::tlv::error::Code;
 pub use vortex_protocol::tlv::piece_metadata::PieceMetadata;
 
