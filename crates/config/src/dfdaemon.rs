@@ -9,6 +9,21 @@ use std::time::Duration;
 
 /// The default config file path.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/dragonfly/dfdaemon.yaml";
+/// The origin schemes dfdaemon knows (upstream's): HTTP(S), object storage, HDFS, hubs.
+pub const KNOWN_SCHEMES: &[&str] = &[
+    "http",
+    "https",
+    "s3",
+    "gs",
+    "abs",
+    "oss",
+    "obs",
+    "cos",
+    "hdfs",
+    "hf",
+    "modelscope",
+];
+
 /// The default unix socket of the download gRPC service.
 pub const DEFAULT_DOWNLOAD_SOCKET: &str = "/var/run/dragonfly/dfdaemon.sock";
 
@@ -22,6 +37,7 @@ pub struct Config {
     pub manager: Manager,
     pub scheduler: Scheduler,
     pub seed_peer: SeedPeer,
+    pub backend: Backend,
     pub dynconfig: Dynconfig,
     pub storage: Storage,
     pub gc: Gc,
@@ -108,6 +124,71 @@ impl Config {
                 "storage.writeBufferSize/readBufferSize",
                 "must be greater than 0",
             );
+        }
+        if self.backend.allowed_schemes.is_empty() {
+            return invalid(
+                "backend.allowedSchemes",
+                "must name at least one scheme (http, https)",
+            );
+        }
+        if let Some(bad) = self
+            .backend
+            .allowed_schemes
+            .iter()
+            .find(|s| !KNOWN_SCHEMES.contains(&s.to_ascii_lowercase().as_str()))
+        {
+            return invalid(
+                "backend.allowedSchemes",
+                &format!(
+                    "{bad:?} is not a scheme this dfdaemon can fetch ({})",
+                    KNOWN_SCHEMES.join(", ")
+                ),
+            );
+        }
+        let piece_server = &self.storage.server;
+        if piece_server.max_connections == 0 || piece_server.max_connections_per_ip == 0 {
+            return invalid(
+                "storage.server.maxConnections/maxConnectionsPerIP",
+                "must be at least 1",
+            );
+        }
+        if piece_server.idle_timeout.is_zero() || piece_server.write_timeout.is_zero() {
+            return invalid(
+                "storage.server.idleTimeout/writeTimeout",
+                "must be greater than 0",
+            );
+        }
+        if self.backend.read_timeout.is_zero() {
+            return invalid("backend.readTimeout", "must be greater than 0");
+        }
+        if !(4096..=64 * 1024 * 1024).contains(&self.proxy.read_buffer_size) {
+            return invalid("proxy.readBufferSize", "must be between 4KiB and 64MiB");
+        }
+        if self
+            .proxy
+            .server
+            .basic_auth
+            .as_ref()
+            .is_some_and(|a| a.username.is_empty() || a.username.contains(':'))
+        {
+            return invalid(
+                "proxy.server.basicAuth.username",
+                "must be non-empty and must not contain ':'",
+            );
+        }
+        if self.proxy.server.ca_cert.is_some() != self.proxy.server.ca_key.is_some() {
+            return invalid(
+                "proxy.server.caCert/caKey",
+                "set both (the CA certificate and its key) or neither",
+            );
+        }
+        if !self.manager.addr.trim().is_empty() {
+            if self.dynconfig.refresh_interval.is_zero() {
+                return invalid("dynconfig.refreshInterval", "must be greater than 0");
+            }
+            if self.seed_peer.enable && self.seed_peer.keepalive_interval.is_zero() {
+                return invalid("seedPeer.keepaliveInterval", "must be greater than 0");
+            }
         }
         if self.download.server.socket_path.as_os_str().is_empty() {
             return invalid("download.server.socketPath", "must not be empty");
@@ -280,6 +361,8 @@ impl Default for Upload {
     }
 }
 
+/// The manager (`manager.addr`, `http://host:65003` or `host:65003`): the daemon asks it
+/// for its schedulers every `dynconfig.refreshInterval`, and a seed peer registers with it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct Manager {
@@ -324,12 +407,60 @@ pub enum HostType {
     Super,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct SeedPeer {
     pub enable: bool,
     #[serde(rename = "type")]
     pub kind: HostType,
+    /// The seed peer cluster it registers in with the manager.
+    #[serde(rename = "clusterID")]
+    pub cluster_id: u64,
+    /// How often it keeps alive with the manager.
+    #[serde(with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+}
+
+impl Default for SeedPeer {
+    fn default() -> Self {
+        SeedPeer {
+            enable: false,
+            kind: HostType::default(),
+            cluster_id: 1,
+            keepalive_interval: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Extension: limits on back-to-source. A seed peer fetches URLs that arrive over the
+/// network (through the scheduler), so these decide what a stranger can make it fetch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Backend {
+    /// URL schemes back-to-source may fetch (all it knows by default: http, https, s3, gs,
+    /// abs, oss, obs, cos, hdfs, hf, modelscope).
+    pub allowed_schemes: Vec<String>,
+    /// Networks an origin may not be in (CIDR), checked for the URL, for every redirect
+    /// target and for every address a name resolves to. Defaults to the link-local ranges,
+    /// where cloud metadata services answer.
+    pub denied_networks: Vec<ipnet::IpNet>,
+    /// The longest an origin may stay silent while sending a body. There is no deadline on
+    /// a whole body: a large object from a slow origin is not cut off.
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
+}
+
+impl Default for Backend {
+    fn default() -> Self {
+        Backend {
+            allowed_schemes: KNOWN_SCHEMES.iter().map(|s| s.to_string()).collect(),
+            denied_networks: vec![
+                "169.254.0.0/16".parse().expect("cidr"),
+                "fe80::/10".parse().expect("cidr"),
+            ],
+            read_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -354,6 +485,18 @@ pub struct StorageServer {
     pub tcp_port: u16,
     pub tcp_fastopen: bool,
     pub quic_port: u16,
+    /// Extension: piece-server (Vortex) connections at once, from everyone.
+    pub max_connections: usize,
+    /// Extension: piece-server connections at once from one address.
+    #[serde(rename = "maxConnectionsPerIP")]
+    pub max_connections_per_ip: usize,
+    /// Extension: how long a piece-server connection may wait for its next request.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Extension: how long one write to a child may take before its connection is cut
+    /// (a child that stops reading frees its upload slot).
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
 }
 
 impl Default for StorageServer {
@@ -363,6 +506,10 @@ impl Default for StorageServer {
             tcp_port: 4005,
             tcp_fastopen: false,
             quic_port: 4006,
+            max_connections: 2048,
+            max_connections_per_ip: 128,
+            idle_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -519,14 +666,36 @@ impl Default for RegistryMirror {
     }
 }
 
-/// The HTTP proxy and registry mirror (served in a later milestone; parsed now so that
-/// upstream config files load unchanged).
+/// A host whose HTTPS the proxy intercepts (upstream Go dfdaemon's `hijackHTTPS.hosts`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct HijackHost {
+    /// Regular expression matched against the CONNECT target (`host:port`).
+    pub regx: String,
+    /// Do not verify the certificate of the real host behind the interception.
+    pub insecure: bool,
+}
+
+/// Which CONNECT tunnels the proxy intercepts (TLS terminated with a leaf certificate signed
+/// by `proxy.server.caCert`, or by a CA generated on first use); all others are tunnelled
+/// untouched.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct HijackHttps {
+    pub hosts: Vec<HijackHost>,
+}
+
+/// The HTTP(S) proxy and registry mirror on `proxy.server.port` (4001, loopback unless
+/// `proxy.server.ip` says otherwise).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct Proxy {
     pub server: ProxyServer,
     pub rules: Option<Vec<ProxyRule>>,
     pub registry_mirror: RegistryMirror,
+    /// Extension (upstream Go dfdaemon's key): hosts whose HTTPS is intercepted.
+    #[serde(rename = "hijackHTTPS")]
+    pub hijack_https: HijackHttps,
     pub disable_back_to_source: bool,
     pub prefetch: bool,
     pub prefetch_bandwidth_limit: ByteSize,
@@ -539,6 +708,7 @@ impl Default for Proxy {
             server: ProxyServer::default(),
             rules: None,
             registry_mirror: RegistryMirror::default(),
+            hijack_https: HijackHttps::default(),
             disable_back_to_source: false,
             prefetch: false,
             prefetch_bandwidth_limit: ByteSize::gb(10),
@@ -660,9 +830,70 @@ metrics:
     }
 
     #[test]
+    fn parses_upstream_proxy_section() {
+        let c = Config::from_yaml(
+            r#"
+proxy:
+  server:
+    ip: 0.0.0.0
+    port: 14001
+    caCert: /etc/dragonfly/ca.crt
+    caKey: /etc/dragonfly/ca.key
+    basicAuth:
+      username: user
+      password: pass
+  rules:
+    - regex: 'blobs/sha256.*'
+    - regex: 'example\.com/files/.*'
+      useTLS: true
+      filteredQueryParams: [Expires, Signature]
+  registryMirror:
+    addr: https://index.docker.io
+    enableTaskIDBasedBlobDigest: true
+  hijackHTTPS:
+    hosts:
+      - regx: 'registry\.example\.com:443'
+        insecure: false
+  disableBackToSource: false
+  readBufferSize: 2097152
+"#,
+        )
+        .unwrap();
+        let rules = c.proxy.rules.as_ref().unwrap();
+        assert_eq!(rules.len(), 2);
+        assert!(rules[1].use_tls);
+        assert_eq!(rules[1].filtered_query_params, ["Expires", "Signature"]);
+        assert_eq!(
+            c.proxy.hijack_https.hosts[0].regx,
+            r"registry\.example\.com:443"
+        );
+        assert_eq!(c.proxy.server.basic_auth.as_ref().unwrap().username, "user");
+        assert_eq!(c.proxy.read_buffer_size, 2 * 1024 * 1024);
+        let defaults = Config::from_yaml("").unwrap();
+        assert_eq!(
+            defaults.proxy.server.ip, None,
+            "the proxy decides: loopback"
+        );
+        assert!(defaults.proxy.rules.is_none());
+        assert_eq!(
+            defaults.proxy.registry_mirror.addr,
+            "https://index.docker.io"
+        );
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_named() {
         let cases = [
             ("downlaod: {}", "unknown field `downlaod`"),
+            ("proxy:\n  readBufferSize: 10", "proxy.readBufferSize"),
+            (
+                "proxy:\n  server:\n    caCert: /x.crt",
+                "proxy.server.caCert/caKey",
+            ),
+            (
+                "proxy:\n  server:\n    basicAuth: {username: '', password: x}",
+                "proxy.server.basicAuth.username",
+            ),
             (
                 "download:\n  concurentPieceCount: 3",
                 "unknown field `concurentPieceCount`",
@@ -678,6 +909,14 @@ metrics:
                 "diskLowThresholdPercent",
             ),
             ("upload:\n  bandwidthLimit: 10", "upload.bandwidthLimit"),
+            (
+                "backend:\n  allowedSchemes: [ftp]",
+                "backend.allowedSchemes",
+            ),
+            (
+                "backend:\n  deniedNetworks: [10.0.0.0/33]",
+                "deniedNetworks",
+            ),
         ];
         for (yaml, needle) in cases {
             let err = Config::from_yaml(yaml).unwrap_err().to_string();

@@ -4,8 +4,10 @@
 //! and where it is, instead of silently running on defaults. Defaults and key names follow
 //! upstream's `dfdaemon.yaml`; keys that upstream does not have are marked as extensions.
 
+pub mod cache;
 pub mod dfdaemon;
 pub mod dynconfig;
+pub mod manager;
 pub mod scheduler;
 
 use std::path::{Path, PathBuf};

@@ -1,8 +1,10 @@
 //! `scheduler.yaml`.
 //!
 //! Key names follow upstream's scheduler config (`server.port`, `scheduler.retryLimit`,
-//! `scheduler.gc.peerTTL`, ...). Sections upstream has but this scheduler does not use
-//! (database, job, manager, ...) are accepted and ignored so an upstream file still loads.
+//! `scheduler.gc.peerTTL`, `manager.addr`, `manager.schedulerClusterID`,
+//! `manager.keepAlive.interval`, `dynconfig.refreshInterval`, ...). Sections upstream has
+//! but this scheduler does not use (database, job, ...) are accepted and ignored so an
+//! upstream file still loads.
 //! Extensions: `scheduler.candidateParentLimit` and `scheduler.filterParentLimit` (upstream
 //! reads them from the manager's cluster config), `scheduler.maxChildrenPerParent`, and
 //! `seedPeers` (the static seed-peer list used until a manager provides it).
@@ -31,10 +33,8 @@ pub struct Config {
     // Accepted for compatibility with upstream files, not used.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database: Option<serde_yaml_ng::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub dynconfig: Option<serde_yaml_ng::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub manager: Option<serde_yaml_ng::Value>,
+    pub dynconfig: Dynconfig,
+    pub manager: Manager,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seed_peer: Option<serde_yaml_ng::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -97,6 +97,9 @@ impl Config {
                 "must not be greater than scheduler.retryLimit",
             );
         }
+        if s.max_content_length.as_u64() == 0 {
+            return invalid("scheduler.maxContentLength", "must be greater than 0");
+        }
         if s.max_children_per_parent == 0 {
             return invalid("scheduler.maxChildrenPerParent", "must be at least 1");
         }
@@ -110,6 +113,9 @@ impl Config {
             if value.is_zero() {
                 return invalid(key, "must be greater than 0");
             }
+        }
+        if self.manager.is_configured() && self.manager.keep_alive.interval.is_zero() {
+            return invalid("manager.keepAlive.interval", "must be greater than 0");
         }
         if self
             .seed_peers
@@ -138,6 +144,18 @@ pub struct Server {
     pub data_dir: Option<PathBuf>,
     pub log_level: Option<String>,
     pub request_rate_limit: Option<u64>,
+    /// Mutual TLS of the gRPC server (upstream's `server.tls`); the scheduler also presents
+    /// this certificate to the seed peers it triggers.
+    pub tls: Option<Tls>,
+}
+
+/// TLS files: the CA that signs the other side, and this side's certificate and key.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, rename_all = "camelCase", deny_unknown_fields)]
+pub struct Tls {
+    pub ca_cert: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 impl Default for Server {
@@ -154,6 +172,7 @@ impl Default for Server {
             data_dir: None,
             log_level: None,
             request_rate_limit: None,
+            tls: None,
         }
     }
 }
@@ -180,6 +199,15 @@ pub struct Scheduling {
     /// full parent. 1 makes a chain, the fastest layout when every host has the same link
     /// rate (BENCHMARKS.md, issue 4).
     pub max_children_per_parent: u32,
+    /// Extension: the largest task (content length) a registration may announce; bounds
+    /// the piece count, and so the memory, of every task.
+    pub max_content_length: bytesize::ByteSize,
+    /// Extension: a host's announced `ip` must be the address it connects from, and its ID
+    /// must start with `<ip>-` (upstream's host IDs do), so nobody can announce, register
+    /// peers for, or delete a host on another address. Turn off only behind a proxy that
+    /// hides the peers' addresses.
+    #[serde(rename = "verifyHostIP")]
+    pub verify_host_ip: bool,
     pub gc: SchedulerGc,
 }
 
@@ -194,6 +222,8 @@ impl Default for Scheduling {
             candidate_parent_limit: 8,
             filter_parent_limit: 40,
             max_children_per_parent: 8,
+            max_content_length: bytesize::ByteSize::tib(10),
+            verify_host_ip: true,
             gc: SchedulerGc::default(),
         }
     }
@@ -229,8 +259,68 @@ impl Default for SchedulerGc {
     }
 }
 
+/// The manager this scheduler registers with (upstream's `manager` keys). Without `addr`
+/// the static config is all there is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Manager {
+    /// `host:port` of the manager's gRPC service (`http://` may be written before it).
+    pub addr: String,
+    /// The cluster to join; 0 joins the manager's default cluster.
+    #[serde(rename = "schedulerClusterID")]
+    pub scheduler_cluster_id: u64,
+    pub keep_alive: KeepAlive,
+}
+
+impl Default for Manager {
+    fn default() -> Self {
+        Manager {
+            addr: String::new(),
+            scheduler_cluster_id: 1,
+            keep_alive: KeepAlive::default(),
+        }
+    }
+}
+
+impl Manager {
+    pub fn is_configured(&self) -> bool {
+        !self.addr.trim().is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct KeepAlive {
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for KeepAlive {
+    fn default() -> Self {
+        KeepAlive {
+            interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// How often the cluster config is fetched from the manager.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Dynconfig {
+    #[serde(with = "humantime_serde")]
+    pub refresh_interval: Duration,
+}
+
+impl Default for Dynconfig {
+    fn default() -> Self {
+        Dynconfig {
+            refresh_interval: Duration::from_secs(10),
+        }
+    }
+}
+
 /// A seed peer the scheduler may trigger (its DfdaemonUpload address).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(default, rename_all = "camelCase", deny_unknown_fields)]
 pub struct SeedPeer {
     pub hostname: String,
@@ -314,12 +404,19 @@ mod tests {
             "server:\n  advertiseIP: 10.0.0.1\n  listenIP: 0.0.0.0\n  port: 9002\n\
              scheduler:\n  algorithm: default\n  retryInterval: 1s\n  gc:\n    peerTTL: 1h\n    hostTTL: 2h\n\
              database:\n  redis:\n    addrs: [a:6379]\n\
+             manager:\n  addr: 127.0.0.1:65003\n  schedulerClusterID: 2\n  keepAlive:\n    interval: 3s\n\
+             dynconfig:\n  refreshInterval: 30s\n\
              seedPeers:\n  - ip: 127.0.0.1\n    port: 4100\n",
         )
         .unwrap();
         assert_eq!(c.server.port, 9002);
         assert_eq!(c.scheduler.gc.peer_ttl, Duration::from_secs(3600));
         assert_eq!(c.seed_peers[0].addr(), "127.0.0.1:4100");
+        assert!(c.manager.is_configured());
+        assert_eq!(c.manager.scheduler_cluster_id, 2);
+        assert_eq!(c.manager.keep_alive.interval, Duration::from_secs(3));
+        assert_eq!(c.dynconfig.refresh_interval, Duration::from_secs(30));
+        assert!(!Config::from_yaml("").unwrap().manager.is_configured());
     }
 
     #[test]
