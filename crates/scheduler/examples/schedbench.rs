@@ -47,6 +47,8 @@ fn host(i: usize) -> Host {
 }
 
 const PIECES: u64 = 64;
+/// The benchmark's one task (a task ID is 64 hex characters).
+const TASK: &str = "7a5c0b6d3e2f18a94c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1b0c9d8e7f6a5b";
 
 fn download() -> Download {
     Download {
@@ -137,7 +139,11 @@ fn model_run(name: &str, tasks: usize, peers: usize) -> Stats {
 async fn grpc_run(peers: usize) -> Stats {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", listener.local_addr().unwrap());
-    let config = Config::from_yaml("metrics:\n  enable: false\n").unwrap();
+    let config = Config::from_yaml(
+        // Its hosts are simulated (10.x addresses) on one loopback connection.
+        "metrics:\n  enable: false\nscheduler:\n  verifyHostIP: false\n",
+    )
+    .unwrap();
     tokio::spawn(d7y_scheduler::serve(
         config,
         listener,
@@ -165,7 +171,7 @@ async fn grpc_run(peers: usize) -> Stats {
         |tx: &tokio::sync::mpsc::Sender<AnnouncePeerRequest>, peer: &str, host: &str, e: Event| {
             let _ = tx.try_send(AnnouncePeerRequest {
                 host_id: host.into(),
-                task_id: "t".into(),
+                task_id: TASK.into(),
                 peer_id: peer.into(),
                 request: Some(e),
             });
@@ -229,7 +235,7 @@ async fn grpc_run(peers: usize) -> Stats {
                     let t0 = Instant::now();
                     tx.send(AnnouncePeerRequest {
                         host_id: h.id.clone(),
-                        task_id: "t".into(),
+                        task_id: TASK.into(),
                         peer_id: format!("peer-{i}"),
                         request: Some(Event::RegisterPeerRequest(RegisterPeerRequest {
                             download: Some(download()),
@@ -265,7 +271,7 @@ async fn grpc_run(peers: usize) -> Stats {
                         let _ = tx
                             .send(AnnouncePeerRequest {
                                 host_id: h.id.clone(),
-                                task_id: "t".into(),
+                                task_id: TASK.into(),
                                 peer_id: format!("peer-{i}"),
                                 request: Some(e),
                             })

@@ -24,6 +24,11 @@ pub struct SchedulerService {
     pub service: Arc<Service>,
 }
 
+/// The address a request's connection comes from.
+fn origin<T>(request: &Request<T>) -> Option<std::net::IpAddr> {
+    request.remote_addr().map(|a| a.ip().to_canonical())
+}
+
 fn unimplemented(what: &str) -> Status {
     Status::unimplemented(format!(
         "{what} is not supported by this scheduler; only standard tasks (AnnouncePeer) are"
@@ -42,9 +47,10 @@ impl Scheduler for SchedulerService {
         &self,
         request: Request<Streaming<AnnouncePeerRequest>>,
     ) -> Result<Response<Self::AnnouncePeerStream>, Status> {
+        let origin = origin(&request);
         let inbound = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(REPLY_BUFFER);
-        tokio::spawn(self.service.clone().serve_stream(inbound, tx));
+        tokio::spawn(self.service.clone().serve_stream(inbound, tx, origin));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -60,9 +66,10 @@ impl Scheduler for SchedulerService {
         &self,
         request: Request<DeletePeerRequest>,
     ) -> Result<Response<()>, Status> {
+        let origin = origin(&request);
         let r = request.into_inner();
         self.service
-            .delete_peer(&r.peer_id)
+            .delete_peer(&r.peer_id, origin)
             .map(Response::new)
             .map_err(|e| e.to_status())
     }
@@ -79,9 +86,10 @@ impl Scheduler for SchedulerService {
         &self,
         request: Request<DeleteTaskRequest>,
     ) -> Result<Response<()>, Status> {
+        let origin = origin(&request);
         let r = request.into_inner();
         self.service
-            .delete_task(&r.host_id, &r.task_id)
+            .delete_task(&r.host_id, &r.task_id, origin)
             .map(Response::new)
             .map_err(|e| e.to_status())
     }
@@ -90,8 +98,9 @@ impl Scheduler for SchedulerService {
         &self,
         request: Request<AnnounceHostRequest>,
     ) -> Result<Response<()>, Status> {
+        let origin = origin(&request);
         self.service
-            .announce_host(request.into_inner().host)
+            .announce_host(request.into_inner().host, origin)
             .map(Response::new)
             .map_err(|e| e.to_status())
     }
@@ -108,8 +117,9 @@ impl Scheduler for SchedulerService {
         &self,
         request: Request<DeleteHostRequest>,
     ) -> Result<Response<()>, Status> {
+        let origin = origin(&request);
         self.service
-            .delete_host(&request.into_inner().host_id)
+            .delete_host(&request.into_inner().host_id, origin)
             .map(Response::new)
             .map_err(|e| e.to_status())
     }

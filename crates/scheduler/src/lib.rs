@@ -5,8 +5,11 @@
 //! → [`resource`] (the swarm model and its parent graph, synchronous) → [`service`] (events,
 //! decisions, waiting, seed triggering) → [`grpc`] (wire translation). [`run`] wires them.
 
+pub mod digests;
+pub mod dynconfig;
 pub mod evaluator;
 pub mod grpc;
+pub mod limits;
 pub mod metrics;
 pub mod resource;
 pub mod scheduling;
@@ -17,6 +20,7 @@ use d7y_config::scheduler::Config;
 use dragonfly_api::scheduler::v2::scheduler_server::SchedulerServer;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tracing::info;
 
@@ -45,6 +49,17 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Sched
         })
 }
 
+/// How often TLS files are checked for changes.
+pub const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
+/// The largest gRPC message accepted (a registration is far smaller).
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+/// Connections at once, in total and from one address (a host keeps one connection to its
+/// scheduler; containers behind one address share it).
+pub const MAX_CONNECTIONS: usize = 100_000;
+pub const MAX_CONNECTIONS_PER_IP: usize = 256;
+/// Streams on one connection: one AnnouncePeer per task a host downloads at once.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 10_000;
+
 /// Serves gRPC (with grpc.health.v1, which upstream peers check) on `server.listenIP` and
 /// `server.port`, and metrics, until `shutdown` resolves.
 pub async fn run(
@@ -72,7 +87,40 @@ pub async fn serve(
         None
     };
     let metrics = Arc::new(metrics::Metrics::new());
-    let service = service::Service::new(config.clone(), metrics.clone());
+    let tls_files = config.server.tls.as_ref().map(|t| d7y_net::TlsFiles {
+        ca_cert: t.ca_cert.clone(),
+        cert: t.cert.clone(),
+        key: t.key.clone(),
+    });
+    let tls_error = |e: d7y_net::TlsError| SchedulerError::Server {
+        what: "TLS (server.tls)",
+        reason: e.to_string(),
+    };
+    let server_tls = tls_files
+        .clone()
+        .map(|f| d7y_net::ServerTls::load(f, Some(TLS_RELOAD_INTERVAL)))
+        .transpose()
+        .map_err(tls_error)?;
+    let seed_tls = tls_files
+        .map(|f| d7y_net::ClientTls::load(f, Some(TLS_RELOAD_INTERVAL)))
+        .transpose()
+        .map_err(tls_error)?;
+    let manager_tls = seed_tls.clone();
+    let service = service::Service::with_seed_tls(config.clone(), metrics.clone(), seed_tls);
+    let grpc_port = grpc_listener
+        .local_addr()
+        .map(|a| a.port())
+        .unwrap_or(config.server.port);
+    if config.manager.is_configured() {
+        // The last config the manager gave, until it answers (or while it is away).
+        if let Some(cached) = dynconfig::load_cache(&config) {
+            service.apply_cluster_config(&cached);
+            info!(
+                seed_peers = cached.seed_peers.len(),
+                "cluster config from the cache applied"
+            );
+        }
+    }
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<SchedulerServer<grpc::SchedulerService>>()
@@ -87,14 +135,25 @@ pub async fn serve(
     let scheduler = SchedulerServer::new(grpc::SchedulerService {
         service: service.clone(),
     })
-    .max_decoding_message_size(64 * 1024 * 1024);
+    .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let incoming = d7y_net::incoming(
+        grpc_listener,
+        d7y_net::ConnLimiter::new(d7y_net::ConnLimits {
+            max_connections: MAX_CONNECTIONS,
+            max_per_ip: MAX_CONNECTIONS_PER_IP,
+        }),
+        server_tls,
+    );
     tasks.spawn(async move {
         tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .tcp_keepalive(Some(Duration::from_secs(60)))
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .timeout(Duration::from_secs(60))
             .add_service(health_service)
             .add_service(scheduler)
-            .serve_with_incoming(
-                tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
-            )
+            .serve_with_incoming(incoming)
             .await
             .map_err(|e| SchedulerError::Server {
                 what: "gRPC",
@@ -126,6 +185,13 @@ pub async fn serve(
         gc.run_gc().await;
         Ok(())
     });
+    if config.manager.is_configured() {
+        let (s, c) = (service.clone(), config.clone());
+        tasks.spawn(async move {
+            dynconfig::run(s, c, grpc_port, manager_tls).await;
+            Ok(())
+        });
+    }
     let result = tokio::select! {
         _ = shutdown => Ok(()),
         Some(joined) = tasks.join_next() => match joined {

@@ -8,12 +8,15 @@
 //!
 //! Everything here is synchronous and runs under the service's one lock; nothing awaits.
 
+use crate::digests::DigestBook;
 use crate::evaluator::{self, ChildStats, ParentStats, COST_WINDOW};
+use crate::limits::Layout;
 use crate::scheduling::{self, Candidate, Child, PeerState};
 use dragonfly_api::common::v2 as common;
 use rand::seq::index::sample;
 use rand::Rng;
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::IpAddr;
 use std::time::Instant;
 
 /// A growable bitset of piece numbers.
@@ -34,6 +37,20 @@ impl PieceSet {
         self.words[w] |= 1 << b;
         self.count += fresh as u32;
         fresh
+    }
+
+    /// Sets pieces `0..count` (a finished peer): one pass over words, not pieces.
+    pub fn fill(&mut self, count: u32) {
+        let full_words = (count / 64) as usize;
+        let rest = count % 64;
+        self.words.resize(full_words + (rest > 0) as usize, 0);
+        for w in &mut self.words[..full_words] {
+            *w = u64::MAX;
+        }
+        if rest > 0 {
+            self.words[full_words] = (1u64 << rest) - 1;
+        }
+        self.count = self.words.iter().map(|w| w.count_ones()).sum();
     }
 
     pub fn contains(&self, n: u32) -> bool {
@@ -63,8 +80,12 @@ impl PieceSet {
 #[derive(Debug, Clone)]
 pub struct Host {
     pub id: String,
+    /// A seed peer the scheduler trusts (its config names it); a host that merely
+    /// announces itself as a seed is a normal host.
     pub is_seed: bool,
     pub proto: common::Host,
+    /// The address its announcement came from, when known.
+    pub observed_ip: Option<IpAddr>,
     pub announced_at: Instant,
     pub peers: HashSet<String>,
 }
@@ -75,6 +96,7 @@ impl Host {
             id: proto.id.clone(),
             is_seed: proto.r#type != 0,
             proto,
+            observed_ip: None,
             announced_at: Instant::now(),
             peers: HashSet::new(),
         }
@@ -101,8 +123,10 @@ pub struct Task {
     pub seed_failed: bool,
     pub created_at: Instant,
     pub updated_at: Instant,
-    /// Piece digests as first reported, to cross-check later reports.
-    pub piece_digests: HashMap<u32, String>,
+    /// Piece digests as reported, and who disagrees with the authority (the seed).
+    pub digests: DigestBook,
+    /// The layout was stated by a trusted seed peer (a disagreeing registrant is wrong).
+    pub layout_from_seed: bool,
 }
 
 impl Task {
@@ -121,7 +145,8 @@ impl Task {
             seed_failed: false,
             created_at: now,
             updated_at: now,
-            piece_digests: HashMap::new(),
+            digests: DigestBook::default(),
+            layout_from_seed: false,
         }
     }
 
@@ -143,6 +168,22 @@ impl Task {
                 self.peer_index.insert(moved.clone(), i);
             }
         }
+    }
+
+    /// The layout as known so far.
+    pub fn layout(&self) -> Layout {
+        Layout {
+            content_length: self.content_length,
+            piece_length: self.piece_length,
+            piece_count: self.piece_count,
+        }
+    }
+
+    /// Replaces the layout (a trusted seed peer stated another one).
+    pub fn set_layout(&mut self, layout: Layout) {
+        self.content_length = layout.content_length;
+        self.piece_length = layout.piece_length;
+        self.piece_count = layout.piece_count;
     }
 
     /// Learns sizes from a registering peer that probed the origin.
@@ -181,8 +222,20 @@ pub struct Peer {
     pub children: HashSet<String>,
     /// Parents this peer reported as failing it; never offered to it again.
     pub blocklist: HashSet<String>,
-    /// A child reported corrupt data from this peer: never offered to anyone again.
+    /// Children on two source addresses reported corrupt data from this peer: never
+    /// offered to anyone again.
     pub corrupt: bool,
+    /// Source addresses of the children that reported it corrupt (a few suffice).
+    pub blamed_by: Vec<Option<IpAddr>>,
+    /// Pieces it holds with a digest the authority (or the majority) contradicts; while
+    /// any is left it is offered to nobody.
+    pub wrong_pieces: HashSet<u32>,
+    /// Unique within the scheduler: names the peer in digest books.
+    pub seq: u32,
+    /// Piece bits reserved for it (its task's piece count).
+    pub reserved_bits: u64,
+    /// Authoritative digests already sent to it on its stream.
+    pub digests_sent: PieceSet,
     pub need_back_to_source: bool,
     /// Failed schedules (no parent found) so far.
     pub schedule_failures: u32,
@@ -210,6 +263,11 @@ impl Peer {
             children: HashSet::new(),
             blocklist: HashSet::new(),
             corrupt: false,
+            blamed_by: Vec::new(),
+            wrong_pieces: HashSet::new(),
+            seq: 0,
+            reserved_bits: 0,
+            digests_sent: PieceSet::default(),
             need_back_to_source: false,
             schedule_failures: 0,
             refreshes: false,
@@ -218,6 +276,11 @@ impl Peer {
             created_at: now,
             updated_at: now,
         }
+    }
+
+    /// Offered to nobody: proven corrupt, or holding pieces known to be wrong.
+    pub fn isolated(&self) -> bool {
+        self.corrupt || !self.wrong_pieces.is_empty()
     }
 
     pub fn add_cost(&mut self, millis: u64) {
@@ -241,7 +304,7 @@ impl Peer {
 pub const STICKY_BONUS: f64 = 0.1;
 
 /// Scheduling limits, from the config.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     pub candidate_parents: usize,
     pub filter_parents: usize,
@@ -264,6 +327,11 @@ pub struct Resources {
     pub hosts: HashMap<String, Host>,
     pub tasks: HashMap<String, Task>,
     pub peers: HashMap<String, Peer>,
+    /// Peer IDs by [`Peer::seq`].
+    pub by_seq: HashMap<u32, String>,
+    next_seq: u32,
+    /// Piece bits reserved by all peers (bounded by [`crate::limits::MAX_PIECE_BITS`]).
+    pub piece_bits: u64,
 }
 
 /// Domain failures of resource operations.
@@ -281,6 +349,8 @@ pub enum ResourceError {
         actual: String,
         claimed: String,
     },
+    #[error("the scheduler is full: {0}")]
+    Exhausted(String),
 }
 
 impl Resources {
@@ -320,6 +390,29 @@ impl Resources {
             // A re-registration starts the peer over.
             self.remove_peer(peer_id);
         }
+        if self.peers.len() >= crate::limits::MAX_PEERS {
+            return Err(ResourceError::Exhausted(format!(
+                "{} peers are registered",
+                self.peers.len()
+            )));
+        }
+        let reserve = {
+            let mut probe = self
+                .tasks
+                .get(task_id)
+                .map(|t| t.layout())
+                .unwrap_or_default();
+            if probe.piece_count.is_none() {
+                probe.piece_count = download.actual_piece_count.map(|c| c as u32);
+            }
+            probe.piece_count.unwrap_or(0) as u64
+        };
+        if self.piece_bits + reserve > crate::limits::MAX_PIECE_BITS {
+            return Err(ResourceError::Exhausted(format!(
+                "piece bitsets would exceed {} bits",
+                crate::limits::MAX_PIECE_BITS
+            )));
+        }
         let task = self
             .tasks
             .entry(task_id.to_string())
@@ -334,6 +427,14 @@ impl Resources {
             download.priority,
         );
         peer.need_back_to_source = download.need_back_to_source;
+        self.next_seq = self.next_seq.wrapping_add(1);
+        while self.by_seq.contains_key(&self.next_seq) {
+            self.next_seq = self.next_seq.wrapping_add(1);
+        }
+        peer.seq = self.next_seq;
+        peer.reserved_bits = reserve;
+        self.piece_bits += reserve;
+        self.by_seq.insert(peer.seq, peer_id.to_string());
         self.peers.insert(peer_id.to_string(), peer);
         self.hosts
             .get_mut(host_id)
@@ -366,10 +467,13 @@ impl Resources {
         }
         if let Some(task) = self.tasks.get_mut(&peer.task_id) {
             task.remove_peer(peer_id);
+            task.digests.forget(peer.seq);
         }
         if let Some(host) = self.hosts.get_mut(&peer.host_id) {
             host.peers.remove(peer_id);
         }
+        self.by_seq.remove(&peer.seq);
+        self.piece_bits = self.piece_bits.saturating_sub(peer.reserved_bits);
         peer.children.into_iter().collect()
     }
 
@@ -506,7 +610,8 @@ impl Resources {
             in_degree: parent.parents.len() as u32,
             // Slow downloads only say something about a parent still downloading; a
             // finished one serves from disk.
-            bad: parent.corrupt || (parent.state == PeerState::Running && parent.is_bad_by_costs()),
+            bad: parent.isolated()
+                || (parent.state == PeerState::Running && parent.is_bad_by_costs()),
             stats: ParentStats {
                 is_seed: host.is_some_and(|h| h.is_seed),
                 active: matches!(parent.state, PeerState::Succeeded | PeerState::BackToSource)
@@ -705,7 +810,7 @@ impl Resources {
             .filter_map(|id| self.peers.get(id))
             .any(|p| {
                 p.host_id != except_host
-                    && !p.corrupt
+                    && !p.isolated()
                     && (matches!(p.state, PeerState::Succeeded | PeerState::BackToSource)
                         || (p.state == PeerState::Running && !p.pieces.is_empty()))
             })
@@ -854,6 +959,14 @@ mod tests {
         assert!(a.contains(130) && !a.contains(131) && !a.contains(100_000));
         assert_eq!(a.count_missing_from(&b), 3);
         assert_eq!(b.count_missing_from(&a), 1);
+        for count in [0, 1, 63, 64, 65, 130] {
+            let mut full = PieceSet::default();
+            full.insert(3);
+            full.fill(count);
+            assert_eq!(full.len(), count, "{count}");
+            assert_eq!(full.contains(count.saturating_sub(1)), count > 0);
+            assert!(!full.contains(count));
+        }
     }
 
     #[test]

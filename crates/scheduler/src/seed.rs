@@ -13,9 +13,11 @@ pub const SEED_DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(10 * 3600);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The configured seed peers.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SeedPeers {
     ring: HashRing<String>,
+    /// Mutual TLS towards the seed peers (the scheduler's own identity, `server.tls`).
+    tls: Option<std::sync::Arc<d7y_net::ClientTls>>,
 }
 
 /// Why a trigger failed.
@@ -34,7 +36,14 @@ impl SeedPeers {
     pub fn new(addrs: Vec<String>) -> SeedPeers {
         SeedPeers {
             ring: HashRing::new(addrs),
+            tls: None,
         }
+    }
+
+    /// Talks to the seed peers over mutual TLS.
+    pub fn with_tls(mut self, tls: Option<std::sync::Arc<d7y_net::ClientTls>>) -> SeedPeers {
+        self.tls = tls;
+        self
     }
 
     pub fn is_empty(&self) -> bool {
@@ -56,20 +65,21 @@ impl SeedPeers {
         mut download: Download,
     ) -> Result<String, TriggerError> {
         download.need_back_to_source = true;
+        // The first registrant's local-only options mean nothing to the seed peer, which
+        // refuses them from the network.
         download.output_path = None;
+        download.overwrite = false;
+        download.force_hard_link = false;
+        download.need_piece_content = false;
         let mut last = TriggerError::NoSeedPeer;
         for addr in self.for_task(task_id) {
-            let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{addr}")) {
-                Ok(e) => e.connect_timeout(CONNECT_TIMEOUT),
-                Err(e) => {
-                    last = TriggerError::Unreachable {
-                        addr: addr.clone(),
-                        reason: e.to_string(),
-                    };
-                    continue;
-                }
+            let options = d7y_net::ChannelOptions {
+                tls: self.tls.clone(),
+                local: None,
+                connect_timeout: Some(CONNECT_TIMEOUT),
+                keepalive: Some((Duration::from_secs(10), Duration::from_secs(5))),
             };
-            let channel = match endpoint.connect().await {
+            let channel = match d7y_net::channel(&addr, &options).await {
                 Ok(c) => c,
                 Err(e) => {
                     warn!(task_id, addr, error = %e, "seed peer unreachable, trying the next one");

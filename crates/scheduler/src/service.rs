@@ -2,6 +2,8 @@
 //! and decides, per peer, between parents, back-to-source and failure. The gRPC layer
 //! ([`crate::grpc`]) only translates messages; everything that holds state is here.
 
+use crate::digests::Reporter;
+use crate::limits;
 use crate::metrics::Metrics;
 use crate::resource::{Limits, ResourceError, Resources};
 use crate::scheduling::PeerState;
@@ -12,6 +14,7 @@ use dragonfly_api::scheduler::v2::announce_peer_request::Request as Event;
 use dragonfly_api::scheduler::v2::announce_peer_response::Response as Reply;
 use dragonfly_api::scheduler::v2::*;
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
@@ -34,12 +37,17 @@ pub enum ServiceError {
     NotFound(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
 }
 
 impl From<ResourceError> for ServiceError {
     fn from(e: ResourceError) -> Self {
         match e {
             ResourceError::WrongTask { .. } => ServiceError::InvalidArgument(e.to_string()),
+            ResourceError::Exhausted(_) => ServiceError::ResourceExhausted(e.to_string()),
             _ => ServiceError::NotFound(e.to_string()),
         }
     }
@@ -51,6 +59,8 @@ impl ServiceError {
             ServiceError::InvalidArgument(m) => Status::invalid_argument(m.clone()),
             ServiceError::NotFound(m) => Status::not_found(m.clone()),
             ServiceError::FailedPrecondition(m) => Status::failed_precondition(m.clone()),
+            ServiceError::PermissionDenied(m) => Status::permission_denied(m.clone()),
+            ServiceError::ResourceExhausted(m) => Status::resource_exhausted(m.clone()),
         }
     }
 }
@@ -86,12 +96,25 @@ impl State {
         }
     }
 
+    fn notify_all(&self) {
+        for n in self.waiters.values() {
+            n.notify_waiters();
+        }
+    }
+
     fn waiter(&mut self, task_id: &str) -> Arc<Notify> {
         self.waiters
             .entry(task_id.to_string())
             .or_insert_with(|| Arc::new(Notify::new()))
             .clone()
     }
+}
+
+/// Whether an announce stream goes on after an event.
+enum Flow {
+    Continue,
+    /// The peer reached a final state (finished or failed): its stream ends.
+    End,
 }
 
 /// What a waiting schedule does next.
@@ -107,37 +130,199 @@ enum Decision {
 /// The scheduler service.
 pub struct Service {
     config: Config,
-    limits: Limits,
+    /// What the manager may change while the scheduler runs (seed peers, parent limits);
+    /// read briefly, never held across an await.
+    dynamic: std::sync::RwLock<Dynamic>,
     state: Mutex<State>,
-    seeds: SeedPeers,
     pub metrics: Arc<Metrics>,
 }
 
+/// The settings that follow the cluster config.
+struct Dynamic {
+    limits: Limits,
+    /// The trusted seed peers, and their ring.
+    seed_peers: Vec<d7y_config::scheduler::SeedPeer>,
+    seeds: SeedPeers,
+    /// Mutual TLS towards seed peers (kept for rings built later).
+    seed_tls: Option<Arc<d7y_net::ClientTls>>,
+}
+
+/// A scheduler cluster's config as the manager gives it (and as it is cached on disk).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct ClusterConfig {
+    pub cluster_id: u64,
+    pub seed_peers: Vec<d7y_config::scheduler::SeedPeer>,
+    pub candidate_parent_limit: Option<u32>,
+    pub filter_parent_limit: Option<u32>,
+}
+
+/// Where a request came from: the peer address of its connection, when the transport
+/// knows it (TCP does).
+pub type Origin = Option<IpAddr>;
+
+use d7y_types::priority_label;
+
 impl Service {
     pub fn new(config: Config, metrics: Arc<Metrics>) -> Arc<Service> {
-        let seeds = SeedPeers::new(config.seed_peers.iter().map(|s| s.addr()).collect());
+        Service::with_seed_tls(config, metrics, None)
+    }
+
+    /// [`Service::new`], talking to seed peers over mutual TLS.
+    pub fn with_seed_tls(
+        config: Config,
+        metrics: Arc<Metrics>,
+        tls: Option<Arc<d7y_net::ClientTls>>,
+    ) -> Arc<Service> {
+        let seeds = SeedPeers::new(config.seed_peers.iter().map(|s| s.addr()).collect())
+            .with_tls(tls.clone());
         let s = &config.scheduler;
         let limits = Limits {
             candidate_parents: s.candidate_parent_limit as usize,
             filter_parents: s.filter_parent_limit as usize,
             max_children: s.max_children_per_parent,
         };
+        let dynamic = Dynamic {
+            limits,
+            seed_peers: config.seed_peers.clone(),
+            seeds,
+            seed_tls: tls,
+        };
         Arc::new(Service {
             config,
-            limits,
+            dynamic: std::sync::RwLock::new(dynamic),
             state: Mutex::default(),
-            seeds,
             metrics,
         })
     }
 
+    fn dynamic(&self) -> std::sync::RwLockReadGuard<'_, Dynamic> {
+        self.dynamic.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn limits(&self) -> Limits {
+        self.dynamic().limits.clone()
+    }
+
+    fn seeds(&self) -> SeedPeers {
+        self.dynamic().seeds.clone()
+    }
+
+    /// Takes the manager's cluster config: its seed peers join the configured ones (both
+    /// are trusted; a seed peer the manager no longer lists is dropped unless the config
+    /// names it), its parent limits replace the configured limits (clamped to what the
+    /// config accepts). Returns whether anything changed.
+    pub fn apply_cluster_config(&self, cluster: &ClusterConfig) -> bool {
+        let mut seed_peers = self.config.seed_peers.clone();
+        for p in &cluster.seed_peers {
+            if !seed_peers.iter().any(|s| s.addr() == p.addr()) {
+                seed_peers.push(p.clone());
+            }
+        }
+        let cluster = &ClusterConfig {
+            seed_peers,
+            ..cluster.clone()
+        };
+        let defaults = &self.config.scheduler;
+        let candidate = cluster
+            .candidate_parent_limit
+            .unwrap_or(defaults.candidate_parent_limit)
+            .clamp(1, 20);
+        let filter = cluster
+            .filter_parent_limit
+            .unwrap_or(defaults.filter_parent_limit)
+            .clamp(candidate, 1000);
+        let mut d = self.dynamic.write().unwrap_or_else(|p| p.into_inner());
+        let limits = Limits {
+            candidate_parents: candidate as usize,
+            filter_parents: filter as usize,
+            max_children: defaults.max_children_per_parent,
+        };
+        let seeds_changed = d.seed_peers != cluster.seed_peers;
+        let changed = seeds_changed || d.limits != limits;
+        if seeds_changed {
+            d.seeds = SeedPeers::new(cluster.seed_peers.iter().map(|s| s.addr()).collect())
+                .with_tls(d.seed_tls.clone());
+            d.seed_peers = cluster.seed_peers.clone();
+        }
+        d.limits = limits;
+        drop(d);
+        if changed {
+            let mut st = self.lock();
+            if seeds_changed {
+                // Hosts announced before the list arrived (or that left it) are judged again.
+                let judged: Vec<(String, bool)> = st
+                    .res
+                    .hosts
+                    .values()
+                    .map(|h| (h.id.clone(), self.is_trusted_seed(&h.proto, h.observed_ip)))
+                    .collect();
+                for (id, trusted) in judged {
+                    if let Some(h) = st.res.hosts.get_mut(&id) {
+                        h.is_seed = trusted;
+                    }
+                }
+            }
+            // Waiting schedules see the new seed peers at once.
+            st.notify_all();
+        }
+        changed
+    }
+
+    /// The state lock. A panic while holding it (a bug) must not take every later
+    /// request down with it: the model's invariants are re-established per operation.
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().expect("scheduler state lock")
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether a host announcing itself as a seed peer is one this scheduler's config
+    /// names (by address and upload port, or by hostname and port).
+    fn is_trusted_seed(&self, host: &common::Host, origin: Origin) -> bool {
+        if host.r#type == 0 {
+            return false;
+        }
+        let ip = if self.config.scheduler.verify_host_ip {
+            origin.or_else(|| host.ip.parse().ok())
+        } else {
+            host.ip.parse().ok()
+        };
+        self.dynamic().seed_peers.iter().any(|seed| {
+            let port_ok = seed
+                .port
+                .unwrap_or(d7y_config::scheduler::DEFAULT_SEED_PEER_PORT)
+                == host.port as u16;
+            let addr_ok = match seed.ip {
+                Some(seed_ip) => ip.is_some_and(|ip| ip.to_canonical() == seed_ip.to_canonical()),
+                None => !seed.hostname.is_empty() && seed.hostname == host.hostname,
+            };
+            port_ok && addr_ok
+        })
+    }
+
+    /// With `scheduler.verifyHostIP`, a request about `host_id` must come from the address
+    /// the host was announced from.
+    fn check_origin(&self, st: &State, host_id: &str, origin: Origin) -> Result<(), ServiceError> {
+        if !self.config.scheduler.verify_host_ip {
+            return Ok(());
+        }
+        let Some(host) = st.res.hosts.get(host_id) else {
+            return Ok(()); // unknown hosts are refused by the operation itself
+        };
+        match (host.observed_ip, origin) {
+            (Some(known), Some(from)) if known != from.to_canonical() => {
+                Err(ServiceError::PermissionDenied(format!(
+                    "host {host_id} was announced from {known}; this request comes from {from}"
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Serves one AnnouncePeer stream: reads events until the peer closes it or misbehaves,
     /// then cleans up. Responses go to `tx`.
-    pub async fn serve_stream<S>(self: Arc<Self>, mut inbound: S, tx: ReplyTx)
+    pub async fn serve_stream<S>(self: Arc<Self>, mut inbound: S, tx: ReplyTx, origin: Origin)
     where
         S: futures_util::Stream<Item = Result<AnnouncePeerRequest, Status>> + Unpin + Send,
     {
@@ -151,15 +336,23 @@ impl Service {
                     break;
                 }
             };
-            if let Err(err) = self.handle(request, &tx, &mut bound) {
-                debug!(%err, "rejecting announce stream");
-                let _ = tx.send(Err(err.to_status())).await;
-                break;
+            match self.handle(request, &tx, &mut bound, origin) {
+                Ok(Flow::Continue) => {}
+                // The peer finished or failed: end the response stream, as upstream's
+                // scheduler does (upstream's client waits for that end before it returns).
+                // The replies queued before it are still delivered.
+                Ok(Flow::End) => break,
+                Err(err) => {
+                    debug!(%err, "rejecting announce stream");
+                    let _ = tx.send(Err(err.to_status())).await;
+                    break;
+                }
             }
         }
         if let Some((peer_id, generation)) = bound {
             self.stream_closed(&peer_id, generation);
         }
+        // `tx` drops here; with the handle in `streams` gone too, the stream ends.
     }
 
     fn handle(
@@ -167,18 +360,15 @@ impl Service {
         request: AnnouncePeerRequest,
         tx: &ReplyTx,
         bound: &mut Option<(String, u64)>,
-    ) -> Result<(), ServiceError> {
+        origin: Origin,
+    ) -> Result<Flow, ServiceError> {
         let AnnouncePeerRequest {
             host_id,
             task_id,
             peer_id,
             request,
         } = request;
-        if host_id.is_empty() || task_id.is_empty() || peer_id.is_empty() {
-            return Err(ServiceError::InvalidArgument(
-                "host_id, task_id and peer_id are required".into(),
-            ));
-        }
+        limits::check_ids(&host_id, &task_id, &peer_id).map_err(ServiceError::InvalidArgument)?;
         let event = request.ok_or_else(|| {
             ServiceError::InvalidArgument("announce request carries no event".into())
         })?;
@@ -193,16 +383,24 @@ impl Service {
             let download = register.download.ok_or_else(|| {
                 ServiceError::InvalidArgument("register request carries no download".into())
             })?;
-            let generation = self.register(&host_id, &task_id, &peer_id, download, tx)?;
+            let generation = self.register(&host_id, &task_id, &peer_id, download, tx, origin)?;
             *bound = Some((peer_id, generation));
-            return Ok(());
+            return Ok(Flow::Continue);
         }
         if bound.is_none() {
             return Err(ServiceError::FailedPrecondition(format!(
                 "peer {peer_id} must register on this stream before anything else"
             )));
         }
-        self.event(&task_id, &peer_id, event)
+        let ends = matches!(
+            event,
+            Event::DownloadPeerFinishedRequest(_)
+                | Event::DownloadPeerBackToSourceFinishedRequest(_)
+                | Event::DownloadPeerFailedRequest(_)
+                | Event::DownloadPeerBackToSourceFailedRequest(_)
+        );
+        self.event(&task_id, &peer_id, event)?;
+        Ok(if ends { Flow::End } else { Flow::Continue })
     }
 
     fn host_type_label(&self, st: &State, host_id: &str) -> &'static str {
@@ -220,21 +418,22 @@ impl Service {
         peer_id: &str,
         download: common::Download,
         tx: &ReplyTx,
+        origin: Origin,
     ) -> Result<u64, ServiceError> {
         let priority = download.priority;
         let mut st = self.lock();
         let host_label = self.host_type_label(&st, host_id);
-        let labels = [&priority.to_string(), "STANDARD", host_label];
+        let labels = [priority_label(priority), "STANDARD", host_label];
         self.metrics
             .register_peer_total
             .with_label_values(&labels)
             .inc();
-        if let Err(e) = st.res.register_peer(host_id, task_id, peer_id, &download) {
+        if let Err(e) = self.admit(&mut st, host_id, task_id, peer_id, &download, origin) {
             self.metrics
                 .register_peer_failure_total
                 .with_label_values(&labels)
                 .inc();
-            return Err(e.into());
+            return Err(e);
         }
         st.next_generation += 1;
         let generation = st.next_generation;
@@ -268,9 +467,7 @@ impl Service {
             let piece_count = st.res.tasks.get(task_id).and_then(|t| t.piece_count);
             let peer = st.res.peer_mut(peer_id)?;
             peer.state = PeerState::Succeeded;
-            for n in 0..piece_count.unwrap_or(0) {
-                peer.pieces.insert(n);
-            }
+            peer.pieces.fill(piece_count.unwrap_or(0));
             st.notify(task_id);
             reply(Reply::MetadataOnlyResponse(MetadataOnlyResponse {}));
             return Ok(generation);
@@ -293,7 +490,7 @@ impl Service {
                 direct = go_to_source("priority LEVEL3: the peer fetches from the origin");
             } else if priority == common::Priority::Level2 as i32 {
                 flags.no_back_to_source = true;
-            } else if self.seeds.is_empty() {
+            } else if self.seeds().is_empty() {
                 direct = go_to_source("no seed peer configured and no peer has the task");
             } else {
                 self.maybe_trigger_seed(&mut st, task_id);
@@ -313,6 +510,87 @@ impl Service {
         Ok(generation)
     }
 
+    /// Checks a registration against what the scheduler knows and records the peer.
+    fn admit(
+        &self,
+        st: &mut State,
+        host_id: &str,
+        task_id: &str,
+        peer_id: &str,
+        download: &common::Download,
+        origin: Origin,
+    ) -> Result<(), ServiceError> {
+        if common::Priority::try_from(download.priority).is_err() {
+            return Err(ServiceError::InvalidArgument(format!(
+                "priority {} is not a priority (LEVEL0..LEVEL6)",
+                download.priority
+            )));
+        }
+        let layout =
+            limits::check_download(download, self.config.scheduler.max_content_length.as_u64())
+                .map_err(ServiceError::InvalidArgument)?;
+        self.check_origin(st, host_id, origin)?;
+        let is_seed = st.res.hosts.get(host_id).is_some_and(|h| h.is_seed);
+        if let Some(task) = st.res.tasks.get(task_id) {
+            if let Some(why) = task.layout().conflict(&layout) {
+                if is_seed && !task.layout_from_seed {
+                    // The seed fetched the origin itself: its sizes win, and the peers
+                    // registered with the other sizes are dropped (their pieces would not
+                    // line up).
+                    warn!(task_id, why, "seed peer corrects the task's layout");
+                    let peers: Vec<String> = task.peer_ids().to_vec();
+                    for id in peers {
+                        st.res.remove_peer(&id);
+                        st.streams.remove(&id);
+                    }
+                    if let Some(task) = st.res.tasks.get_mut(task_id) {
+                        task.set_layout(layout);
+                    }
+                } else {
+                    return Err(ServiceError::InvalidArgument(format!(
+                        "registration for task {task_id} does not match the task: {why}"
+                    )));
+                }
+            }
+        }
+        // A host at its peer cap makes room by dropping its least recently active
+        // finished peer (the copy stays on its disk; it is just no longer offered).
+        let host_peers: Option<Vec<String>> = st
+            .res
+            .hosts
+            .get(host_id)
+            .filter(|h| h.peers.len() >= limits::MAX_PEERS_PER_HOST && !h.peers.contains(peer_id))
+            .map(|h| h.peers.iter().cloned().collect());
+        if let Some(peers) = host_peers {
+            let oldest = peers
+                .iter()
+                .filter_map(|id| st.res.peers.get(id))
+                .filter(|p| p.state == PeerState::Succeeded)
+                .min_by_key(|p| p.updated_at)
+                .map(|p| p.id.clone());
+            match oldest {
+                Some(id) => {
+                    st.res.remove_peer(&id);
+                    st.streams.remove(&id);
+                }
+                None => {
+                    return Err(ServiceError::ResourceExhausted(format!(
+                        "host {host_id} has {} peers downloading; at most {} are kept",
+                        peers.len(),
+                        limits::MAX_PEERS_PER_HOST
+                    )))
+                }
+            }
+        }
+        st.res.register_peer(host_id, task_id, peer_id, download)?;
+        if let Some(task) = st.res.tasks.get_mut(task_id) {
+            if is_seed && layout.content_length.is_some() {
+                task.layout_from_seed = true;
+            }
+        }
+        Ok(())
+    }
+
     fn maybe_trigger_seed(self: &Arc<Self>, st: &mut State, task_id: &str) {
         let Some(task) = st.res.tasks.get_mut(task_id) else {
             return;
@@ -329,7 +607,8 @@ impl Service {
         let service = self.clone();
         let task_id = task_id.to_string();
         tokio::spawn(async move {
-            let result = service.seeds.trigger(&task_id, download).await;
+            let seeds = service.seeds();
+            let result = seeds.trigger(&task_id, download).await;
             let outcome = match &result {
                 Ok(addr) => {
                     info!(task_id, addr, "seed peer finished the task");
@@ -433,7 +712,7 @@ impl Service {
         let started = Instant::now();
         let scheduled = st.res.schedule_with(
             peer_id,
-            &self.limits,
+            &self.limits(),
             false,
             last_attempt,
             &mut rand::thread_rng(),
@@ -447,7 +726,9 @@ impl Service {
                 if let Ok(p) = st.res.peer_mut(peer_id) {
                     p.schedule_failures = 0;
                 }
-                return Decision::Parents(self.parent_protos(&st, &s.parents));
+                let mut protos = self.parent_protos(&st, &s.parents);
+                attach_digests(&mut st, peer_id, &mut protos);
+                return Decision::Parents(protos);
             }
             Ok(_) => {}
             Err(e) => return Decision::Fail(e.into()),
@@ -517,10 +798,10 @@ impl Service {
             .into());
         }
         peer.updated_at = Instant::now();
-        let priority = peer.priority.to_string();
+        let priority = priority_label(peer.priority);
         let host_id = peer.host_id.clone();
         let host_label = self.host_type_label(&st, &host_id);
-        let labels = [priority.as_str(), "STANDARD", host_label];
+        let labels = [priority, "STANDARD", host_label];
         let m = &self.metrics;
         match event {
             Event::RegisterPeerRequest(_) => unreachable!("handled by the caller"),
@@ -553,9 +834,24 @@ impl Service {
                     return Ok(());
                 }
                 m.reschedule_total.with_label_values(&["failure"]).inc();
+                // Only peers of this task can be blocklisted, and only so many.
+                let failed: Vec<String> = r
+                    .candidate_parents
+                    .iter()
+                    .take(limits::MAX_RESCHEDULE_PARENTS)
+                    .filter(|p| {
+                        st.res
+                            .peers
+                            .get(&p.id)
+                            .is_some_and(|parent| parent.task_id == task_id)
+                    })
+                    .map(|p| p.id.clone())
+                    .collect();
                 let peer = st.res.peer_mut(peer_id)?;
-                for parent in &r.candidate_parents {
-                    peer.blocklist.insert(parent.id.clone());
+                for parent in failed {
+                    if peer.blocklist.len() < limits::MAX_BLOCKLIST {
+                        peer.blocklist.insert(parent);
+                    }
                 }
                 peer.schedule_failures += 1;
                 if peer.state == PeerState::Received {
@@ -586,9 +882,7 @@ impl Service {
                 let peer = st.res.peer_mut(peer_id)?;
                 peer.state = PeerState::Succeeded;
                 if let Some(count) = piece_count {
-                    for n in 0..count {
-                        peer.pieces.insert(n);
-                    }
+                    peer.pieces.fill(count);
                 }
                 st.notify(task_id);
             }
@@ -620,13 +914,14 @@ impl Service {
                 let piece = piece.ok_or_else(|| {
                     ServiceError::InvalidArgument("piece finished without a piece".into())
                 })?;
+                let crc = self.check_piece(&st, task_id, &piece)?;
                 m.download_piece_finished_total
                     .with_label_values(&["REMOTE_PEER", "STANDARD", host_label])
                     .inc();
                 m.traffic
                     .with_label_values(&["REMOTE_PEER", "STANDARD", host_label])
                     .inc_by(piece.length);
-                self.piece_finished(&mut st, task_id, peer_id, &piece, false);
+                self.piece_finished(&mut st, task_id, peer_id, &piece, crc, false);
             }
             Event::DownloadPieceBackToSourceFinishedRequest(
                 DownloadPieceBackToSourceFinishedRequest { piece },
@@ -634,28 +929,21 @@ impl Service {
                 let piece = piece.ok_or_else(|| {
                     ServiceError::InvalidArgument("piece finished without a piece".into())
                 })?;
+                let crc = self.check_piece(&st, task_id, &piece)?;
                 m.download_piece_back_to_source_finished_total
                     .with_label_values(&["STANDARD", host_label])
                     .inc();
                 m.traffic
                     .with_label_values(&["BACK_TO_SOURCE", "STANDARD", host_label])
                     .inc_by(piece.length);
-                self.piece_finished(&mut st, task_id, peer_id, &piece, true);
+                self.piece_finished(&mut st, task_id, peer_id, &piece, crc, true);
             }
             Event::DownloadPieceFailedRequest(r) => {
                 m.download_piece_finished_failure_total
                     .with_label_values(&["STANDARD", host_label])
                     .inc();
-                if !r.temporary && !r.parent_id.is_empty() {
-                    warn!(peer_id, parent = r.parent_id, piece = ?r.piece_number, "parent failed a piece for good; excluding it");
-                    st.res
-                        .peer_mut(peer_id)?
-                        .blocklist
-                        .insert(r.parent_id.clone());
-                    if let Ok(parent) = st.res.peer_mut(&r.parent_id) {
-                        parent.corrupt = true;
-                    }
-                    st.res.remove_edge(&r.parent_id, peer_id);
+                if !r.temporary {
+                    self.blame(&mut st, task_id, peer_id, &host_id, &r.parent_id);
                 }
             }
             Event::DownloadPieceBackToSourceFailedRequest(r) => {
@@ -668,46 +956,84 @@ impl Service {
         Ok(())
     }
 
+    /// Checks a reported piece against the task's layout; returns its CRC, if it has one.
+    fn check_piece(
+        &self,
+        st: &State,
+        task_id: &str,
+        piece: &common::Piece,
+    ) -> Result<Option<u32>, ServiceError> {
+        let layout = st
+            .res
+            .tasks
+            .get(task_id)
+            .map(|t| t.layout())
+            .unwrap_or_default();
+        limits::check_piece(piece, &layout).map_err(ServiceError::InvalidArgument)
+    }
+
     fn piece_finished(
         &self,
         st: &mut State,
         task_id: &str,
         peer_id: &str,
         piece: &common::Piece,
+        crc: Option<u32>,
         from_source: bool,
     ) {
-        if let Some(task) = st.res.tasks.get_mut(task_id) {
+        let reporter = st.res.peers.get(peer_id).and_then(|p| {
+            let host = st.res.hosts.get(&p.host_id)?;
+            Some(Reporter {
+                seq: p.seq,
+                ip: host.observed_ip,
+                // Only a trusted seed's back-to-source bytes speak for the origin.
+                authoritative: host.is_seed && from_source,
+            })
+        });
+        let mut outcome = crate::digests::Outcome::default();
+        if let (Some(task), Some(crc), Some(reporter)) =
+            (st.res.tasks.get_mut(task_id), crc, reporter)
+        {
             task.updated_at = Instant::now();
-            if !piece.digest.is_empty() {
-                match task.piece_digests.get(&piece.number) {
-                    Some(known) if *known != piece.digest => warn!(
-                        task_id,
-                        peer_id,
-                        number = piece.number,
-                        known,
-                        reported = piece.digest,
-                        "piece digest differs from the first report"
-                    ),
-                    Some(_) => {}
-                    None => {
-                        task.piece_digests
-                            .insert(piece.number, piece.digest.clone());
-                    }
-                }
+            outcome = task.digests.report(piece.number, crc, reporter);
+        }
+        for seq in &outcome.wrong {
+            let Some(id) = st.res.by_seq.get(seq).cloned() else {
+                continue;
+            };
+            warn!(
+                task_id,
+                peer_id = id,
+                number = piece.number,
+                "peer holds a piece whose digest the seed peer or the majority contradicts; isolating it"
+            );
+            if let Ok(p) = st.res.peer_mut(&id) {
+                p.wrong_pieces.insert(piece.number);
+            }
+            for child in st
+                .res
+                .peers
+                .get(&id)
+                .map(|p| p.children.clone())
+                .unwrap_or_default()
+            {
+                st.res.remove_edge(&id, &child);
             }
         }
         if let Ok(peer) = st.res.peer_mut(peer_id) {
+            if outcome.right {
+                // A corrected copy: the peer is trusted with this piece again.
+                peer.wrong_pieces.remove(&piece.number);
+            }
             let first = peer.pieces.is_empty();
             peer.pieces.insert(piece.number);
             if let Some(cost) = &piece.cost {
-                peer.add_cost(
-                    (cost.seconds.max(0) as u64) * 1000 + (cost.nanos.max(0) as u64) / 1_000_000,
-                );
+                peer.add_cost(limits::cost_ms(cost));
             }
             if from_source {
-                peer.source_bytes += piece.length;
+                peer.source_bytes = peer.source_bytes.saturating_add(piece.length);
             } else {
-                peer.peer_bytes += piece.length;
+                peer.peer_bytes = peer.peer_bytes.saturating_add(piece.length);
             }
             if first {
                 st.notify(task_id);
@@ -715,11 +1041,70 @@ impl Service {
         }
     }
 
+    /// A child says `parent_id` served it a corrupt piece. The child never gets that
+    /// parent again; the task stops offering it only when children on two source
+    /// addresses say so (one stranger cannot take a good parent, the seed included, away
+    /// from everyone).
+    fn blame(
+        &self,
+        st: &mut State,
+        task_id: &str,
+        child_id: &str,
+        child_host: &str,
+        parent_id: &str,
+    ) {
+        let Some(parent) = st.res.peers.get(parent_id) else {
+            return;
+        };
+        if parent.task_id != task_id || parent.id == child_id {
+            return;
+        }
+        let child_ip = st.res.hosts.get(child_host).and_then(|h| h.observed_ip);
+        if let Ok(child) = st.res.peer_mut(child_id) {
+            if child.blocklist.len() < limits::MAX_BLOCKLIST {
+                child.blocklist.insert(parent_id.to_string());
+            }
+        }
+        st.res.remove_edge(parent_id, child_id);
+        let Ok(parent) = st.res.peer_mut(parent_id) else {
+            return;
+        };
+        let known = parent.blamed_by.contains(&child_ip) && child_ip.is_some();
+        if !known && parent.blamed_by.len() < 8 {
+            parent.blamed_by.push(child_ip);
+        }
+        let witnesses = {
+            let mut ips: Vec<Option<IpAddr>> = Vec::new();
+            for ip in &parent.blamed_by {
+                if ip.is_none() || !ips.contains(ip) {
+                    ips.push(*ip);
+                }
+            }
+            ips.len()
+        };
+        if witnesses >= 2 && !parent.corrupt {
+            warn!(
+                task_id,
+                parent_id,
+                witnesses,
+                "children on two addresses report corrupt pieces from this parent; excluding it"
+            );
+            parent.corrupt = true;
+        } else {
+            debug!(
+                task_id,
+                parent_id,
+                child_id,
+                "a child reports a corrupt piece; only that child avoids the parent"
+            );
+        }
+    }
+
     /// Answers a refresh: a new parent set now (possibly reversing an edge), or nothing.
     fn refresh(&self, st: &mut State, peer_id: &str) {
         let Ok(scheduled) = st
             .res
-            .schedule(peer_id, &self.limits, true, &mut rand::thread_rng())
+            .schedule(peer_id, &self.limits(), true, &mut rand::thread_rng())
         else {
             return;
         };
@@ -730,13 +1115,14 @@ impl Service {
         for other in scheduled.revised {
             if let Ok(s) = st
                 .res
-                .schedule(&other, &self.limits, false, &mut rand::thread_rng())
+                .schedule(&other, &self.limits(), false, &mut rand::thread_rng())
             {
                 replies.push((other, s.parents));
             }
         }
         for (id, parents) in replies {
-            let protos = self.parent_protos(st, &parents);
+            let mut protos = self.parent_protos(st, &parents);
+            attach_digests(st, &id, &mut protos);
             if let Some(stream) = st.streams.get(&id) {
                 let _ = stream.tx.try_send(Ok(AnnouncePeerResponse {
                     response: Some(Reply::NormalTaskResponse(NormalTaskResponse {
@@ -780,13 +1166,80 @@ impl Service {
 
     // ---- unary RPCs ----
 
-    pub fn announce_host(&self, host: Option<common::Host>) -> Result<(), ServiceError> {
+    /// Records a host's announcement. With `scheduler.verifyHostIP`, the host must announce
+    /// the address it connects from, under an ID that starts with it; it is a seed peer
+    /// only when this scheduler's config names it.
+    pub fn announce_host(
+        &self,
+        host: Option<common::Host>,
+        origin: Origin,
+    ) -> Result<(), ServiceError> {
         self.metrics.announce_host_total.inc();
-        let host = host.filter(|h| !h.id.is_empty()).ok_or_else(|| {
+        let fail = |e: ServiceError| {
             self.metrics.announce_host_failure_total.inc();
-            ServiceError::InvalidArgument("announce host needs a host with an id".into())
+            e
+        };
+        let mut host = host.ok_or_else(|| {
+            fail(ServiceError::InvalidArgument(
+                "announce host needs a host".into(),
+            ))
         })?;
-        self.lock().res.announce_host(host);
+        limits::check_host(&mut host).map_err(|m| fail(ServiceError::InvalidArgument(m)))?;
+        let origin = origin.map(|ip| ip.to_canonical());
+        if self.config.scheduler.verify_host_ip {
+            if let Some(from) = origin {
+                let announced: IpAddr = host.ip.parse().expect("checked by check_host");
+                if announced.to_canonical() != from {
+                    return Err(fail(ServiceError::PermissionDenied(format!(
+                        "host {} announces ip {} but connects from {from}; set host.ip to the \
+                         address it connects from (scheduler.verifyHostIP)",
+                        host.id, host.ip
+                    ))));
+                }
+                if !host.id.starts_with(&format!("{}-", host.ip)) {
+                    return Err(fail(ServiceError::PermissionDenied(format!(
+                        "host id {} does not start with its ip {} (scheduler.verifyHostIP)",
+                        host.id, host.ip
+                    ))));
+                }
+            }
+        }
+        let trusted = self.is_trusted_seed(&host, origin);
+        if host.r#type != 0 && !trusted {
+            debug!(host_id = host.id, "host announces itself as a seed peer but is not configured as one; treating it as a normal host");
+        }
+        let mut st = self.lock();
+        if !st.res.hosts.contains_key(&host.id) {
+            if st.res.hosts.len() >= limits::MAX_HOSTS {
+                return Err(fail(ServiceError::ResourceExhausted(format!(
+                    "{} hosts are known; at most {} are kept",
+                    st.res.hosts.len(),
+                    limits::MAX_HOSTS
+                ))));
+            }
+            // Behind a proxy (verifyHostIP off) every host shares the proxy's address.
+            if let Some(from) = origin.filter(|_| self.config.scheduler.verify_host_ip) {
+                let same = st
+                    .res
+                    .hosts
+                    .values()
+                    .filter(|h| h.observed_ip == Some(from))
+                    .count();
+                if same >= limits::MAX_HOSTS_PER_IP {
+                    return Err(fail(ServiceError::ResourceExhausted(format!(
+                        "{same} hosts are announced from {from}; at most {} are kept per address",
+                        limits::MAX_HOSTS_PER_IP
+                    ))));
+                }
+            }
+        }
+        self.check_origin(&st, &host.id, origin).map_err(fail)?;
+        let id = host.id.clone();
+        st.res.announce_host(host);
+        if let Some(h) = st.res.hosts.get_mut(&id) {
+            h.is_seed = trusted;
+            h.observed_ip = origin.or(h.observed_ip);
+        }
         Ok(())
     }
 
@@ -804,9 +1257,10 @@ impl Service {
         hosts
     }
 
-    pub fn delete_host(&self, host_id: &str) -> Result<(), ServiceError> {
+    pub fn delete_host(&self, host_id: &str, origin: Origin) -> Result<(), ServiceError> {
         self.metrics.delete_host_total.inc();
         let mut st = self.lock();
+        self.check_origin(&st, host_id, origin)?;
         if !st.res.remove_host(host_id) {
             return Err(ServiceError::NotFound(format!("host {host_id} not found")));
         }
@@ -820,12 +1274,18 @@ impl Service {
             .ok_or_else(|| ServiceError::NotFound(format!("peer {peer_id} not found")))
     }
 
-    pub fn delete_peer(&self, peer_id: &str) -> Result<(), ServiceError> {
+    pub fn delete_peer(&self, peer_id: &str, origin: Origin) -> Result<(), ServiceError> {
         self.metrics.delete_peer_total.inc();
         let mut st = self.lock();
-        let Some(task_id) = st.res.peers.get(peer_id).map(|p| p.task_id.clone()) else {
+        let Some((task_id, host_id)) = st
+            .res
+            .peers
+            .get(peer_id)
+            .map(|p| (p.task_id.clone(), p.host_id.clone()))
+        else {
             return Err(ServiceError::NotFound(format!("peer {peer_id} not found")));
         };
+        self.check_origin(&st, &host_id, origin)?;
         st.res.remove_peer(peer_id);
         st.streams.remove(peer_id);
         st.notify(&task_id);
@@ -840,9 +1300,15 @@ impl Service {
     }
 
     /// Removes the task's peer on `host_id` (upstream's DeleteTask is per host).
-    pub fn delete_task(&self, host_id: &str, task_id: &str) -> Result<(), ServiceError> {
+    pub fn delete_task(
+        &self,
+        host_id: &str,
+        task_id: &str,
+        origin: Origin,
+    ) -> Result<(), ServiceError> {
         self.metrics.delete_task_total.inc();
         let mut st = self.lock();
+        self.check_origin(&st, host_id, origin)?;
         let Some(task) = st.res.tasks.get(task_id) else {
             return Err(ServiceError::NotFound(format!("task {task_id} not found")));
         };
@@ -953,6 +1419,56 @@ impl Service {
     /// Test and benchmark access to the model.
     pub fn with_resources<R>(&self, f: impl FnOnce(&mut Resources) -> R) -> R {
         f(&mut self.lock().res)
+    }
+}
+
+/// Adds the authoritative piece digests `peer_id` was not sent yet to the task of the
+/// first candidate parent (`Peer.task.pieces`): a child checks what a parent serves
+/// against these (the seed peer's, from the origin) rather than only against the digest
+/// the parent itself claims. Upstream clients ignore the field.
+fn attach_digests(st: &mut State, peer_id: &str, parents: &mut [common::Peer]) {
+    let Some(first) = parents.first_mut() else {
+        return;
+    };
+    let Some(peer) = st.res.peers.get(peer_id) else {
+        return;
+    };
+    let Some(task) = st.res.tasks.get(&peer.task_id) else {
+        return;
+    };
+    let layout = task.layout();
+    let (Some(len), Some(pl)) = (layout.content_length, layout.piece_length) else {
+        return;
+    };
+    let layout = d7y_types::PieceLayout::new(len, Some(pl));
+    let fresh: Vec<(u32, u32)> = task
+        .digests
+        .authoritative()
+        .filter(|(n, _)| !peer.digests_sent.contains(*n))
+        .collect();
+    if fresh.is_empty() {
+        return;
+    }
+    let pieces: Vec<common::Piece> = fresh
+        .iter()
+        .filter_map(|(number, crc)| {
+            let (offset, length) = layout.range(*number).ok()?;
+            Some(common::Piece {
+                number: *number,
+                offset,
+                length,
+                digest: format!("crc32:{crc}"),
+                ..Default::default()
+            })
+        })
+        .collect();
+    if let Some(task) = first.task.as_mut() {
+        task.pieces = pieces;
+    }
+    if let Ok(peer) = st.res.peer_mut(peer_id) {
+        for (number, _) in fresh {
+            peer.digests_sent.insert(number);
+        }
     }
 }
 
