@@ -51,9 +51,12 @@ impl TaskError {
         match self {
             TaskError::InvalidArgument(_) => Code::InvalidArgument,
             TaskError::Backend(e) => match e {
-                BackendError::UnsupportedScheme(_) | BackendError::InvalidHeader(_) => {
-                    Code::InvalidArgument
-                }
+                BackendError::UnsupportedScheme(_)
+                | BackendError::InvalidHeader(_)
+                | BackendError::InvalidUrl { .. }
+                | BackendError::IsDirectory { .. }
+                | BackendError::NotListable { .. } => Code::InvalidArgument,
+                BackendError::Denied { .. } => Code::FailedPrecondition,
                 BackendError::Status { status, .. } if *status == 404 => Code::NotFound,
                 BackendError::Status { .. } => Code::FailedPrecondition,
                 BackendError::Timeout { .. } => Code::DeadlineExceeded,

@@ -22,6 +22,10 @@ pub struct HostInfo {
     pub disable_shared: bool,
     pub max_tx_bps: u64,
     pub max_rx_bps: u64,
+    /// Where connections to the schedulers come from: the advertised address when it is
+    /// one of this host's (a scheduler checks that a host connects from the address it
+    /// announces, and on a host with several addresses the route may pick another one).
+    pub source_ip: Option<IpAddr>,
 }
 
 impl HostInfo {
@@ -50,8 +54,14 @@ impl HostInfo {
             disable_shared: config.upload.disable_shared,
             max_tx_bps: config.upload.bandwidth_limit.as_u64().saturating_mul(8),
             max_rx_bps: config.download.bandwidth_limit.as_u64().saturating_mul(8),
+            source_ip: Some(ip).filter(|ip| is_local(*ip)),
         }
     }
+}
+
+/// Whether `ip` is an address of this host (a socket can be bound to it).
+fn is_local(ip: IpAddr) -> bool {
+    !ip.is_unspecified() && std::net::UdpSocket::bind((ip, 0)).is_ok()
 }
 
 /// The first non-loopback IPv4 address, else the first non-loopback one, else 127.0.0.1.

@@ -4,6 +4,7 @@
 //! Wiring only lives here; the download engine is [`task`], wire translation is [`grpc`].
 //! This crate never depends on dfget (dfget talks to it over the unix socket).
 
+pub mod dynconfig;
 pub mod error;
 pub mod gc;
 pub mod grpc;
@@ -11,13 +12,15 @@ pub mod host;
 pub mod http;
 pub mod metrics;
 pub mod piece_server;
+pub mod proxy;
 pub mod ratelimit;
 pub mod relay;
 pub mod scheduler;
 pub mod superseed;
 pub mod task;
+mod tls;
 
-use d7y_backend::{HttpBackend, RetryPolicy};
+use d7y_backend::{Backend, BackendOptions, RetryPolicy, TargetPolicy};
 use d7y_config::dfdaemon::Config;
 use d7y_storage::Storage;
 use dragonfly_api::dfdaemon::v2::dfdaemon_download_server::DfdaemonDownloadServer;
@@ -86,6 +89,27 @@ fn bind_unix(path: &Path) -> Result<UnixListener, DaemonError> {
     UnixListener::bind(path).map_err(err)
 }
 
+/// A gRPC server for the network: HTTP/2 keepalive (a peer that dies silently loses its
+/// streams within [`KEEPALIVE`] + [`KEEPALIVE_TIMEOUT`]), a cap on concurrent streams per
+/// connection, and a deadline on every request's answer (long streams are not cut: the
+/// deadline covers the response head).
+pub fn hardened_server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .timeout(REQUEST_DEADLINE)
+}
+
+/// Keepalive pings on server connections.
+pub const KEEPALIVE: Duration = Duration::from_secs(5);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Concurrent streams on one connection (SyncPieces per task per parent, SyncHost, ...).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+/// The longest a handler may take to answer (a unary answer, or a stream's head).
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(60);
+
 /// Starts every server and runs standalone (no scheduler) until `shutdown` resolves.
 pub async fn run(
     config: Config,
@@ -108,8 +132,16 @@ pub async fn run_with(
             source,
         }
     })?;
-    let backend = HttpBackend::new(Duration::from_secs(30), RetryPolicy::default())
-        .map_err(|e| DaemonError::Setup(e.to_string()))?;
+    let backend = Backend::new(BackendOptions {
+        connect_timeout: Duration::from_secs(30),
+        read_timeout: config.backend.read_timeout,
+        retry: RetryPolicy::default(),
+        policy: TargetPolicy::new(
+            config.backend.allowed_schemes.clone(),
+            config.backend.denied_networks.clone(),
+        ),
+    })
+    .map_err(|e| DaemonError::Setup(e.to_string()))?;
     let metrics = Arc::new(metrics::Metrics::new());
     let traffic = Arc::new(host::Traffic::default());
 
@@ -134,25 +166,56 @@ pub async fn run_with(
     .await?;
     let health_listener =
         bind_tcp("health", config.health.server.ip, config.health.server.port).await?;
+    // The proxy serves local clients unless told otherwise (it fetches for whoever asks).
+    let proxy_listener = bind_tcp(
+        "proxy",
+        Some(
+            config
+                .proxy
+                .server
+                .ip
+                .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        ),
+        config.proxy.server.port,
+    )
+    .await?;
     let upload_port = upload.local_addr().map(|a| a.port()).unwrap_or_default();
     let piece_port = pieces.local_addr().map(|a| a.port()).unwrap_or_default();
 
+    let tls = tls::Identities::load(&config)?;
     let host = Arc::new(host::HostInfo::new(&config, upload_port, piece_port));
-    let schedulers = (!scheduler_addrs.is_empty()).then(|| {
-        Arc::new(scheduler::Schedulers::new(
-            scheduler_addrs.clone(),
-            host.clone(),
-            traffic.clone(),
-        ))
+    let with_manager = !config.manager.addr.trim().is_empty();
+    let scheduler_addrs = if with_manager {
+        // The manager's schedulers win over the dynconfig file's.
+        dynconfig::initial(&config, &host, scheduler_addrs, &tls.manager).await
+    } else {
+        scheduler_addrs
+    };
+    let control = Arc::new(dynconfig::ControlPlane::default());
+    control.set_schedulers(&scheduler_addrs).await;
+    let schedulers = (with_manager || !scheduler_addrs.is_empty()).then(|| {
+        Arc::new(
+            scheduler::Schedulers::new(scheduler_addrs.clone(), host.clone(), traffic.clone())
+                .with_tls(tls.scheduler.clone())
+                .with_schedule_timeout(config.scheduler.schedule_timeout),
+        )
     });
-    let manager = Arc::new(task::TaskManager::new(
-        config.clone(),
-        storage.clone(),
-        backend,
-        metrics.clone(),
-        host.clone(),
-        schedulers.clone(),
-    ));
+    let manager = Arc::new(
+        task::TaskManager::new(
+            config.clone(),
+            storage.clone(),
+            backend,
+            metrics.clone(),
+            host.clone(),
+            schedulers.clone(),
+        )
+        .with_peer_tls(tls.peers.clone()),
+    );
+
+    let proxy = Arc::new(
+        proxy::Proxy::new(config.clone(), manager.clone(), metrics.clone())
+            .map_err(|e| DaemonError::Setup(e.to_string()))?,
+    );
 
     let upload_limit = if config.is_seed_peer() && config.upload.concurrent_upload_limit == 200 {
         2000
@@ -170,6 +233,8 @@ pub async fn run_with(
         traffic: traffic.clone(),
         bandwidth: ratelimit::Bandwidth::new(config.upload.bandwidth_limit.as_u64()),
         slots: Arc::new(tokio::sync::Semaphore::new(upload_limit as usize)),
+        total_slots: upload_limit as usize,
+        per_ip: Arc::default(),
         disable_shared: config.upload.disable_shared,
         buffer_size: config
             .storage
@@ -196,8 +261,25 @@ pub async fn run_with(
         host: host.clone(),
         traffic: traffic.clone(),
         super_seed: super_seed.clone(),
+        control: control.clone(),
     });
 
+    let server = &config.storage.server;
+    let vortex_limits = d7y_vortex::ServerLimits {
+        max_connections: server.max_connections,
+        max_connections_per_ip: server.max_connections_per_ip,
+        idle_timeout: server.idle_timeout,
+        write_timeout: server.write_timeout,
+    };
+    let piece_tls = tls.server.clone();
+    let upload_incoming = d7y_net::incoming(
+        upload,
+        d7y_net::ConnLimiter::new(d7y_net::ConnLimits {
+            max_connections: server.max_connections,
+            max_per_ip: server.max_connections_per_ip,
+        }),
+        tls.server.clone(),
+    );
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(async move {
         tonic::transport::Server::builder()
@@ -210,11 +292,9 @@ pub async fn run_with(
             })
     });
     tasks.spawn(async move {
-        tonic::transport::Server::builder()
+        hardened_server()
             .add_service(upload_service)
-            .serve_with_incoming(
-                tonic::transport::server::TcpIncoming::from(upload).with_nodelay(Some(true)),
-            )
+            .serve_with_incoming(upload_incoming)
             .await
             .map_err(|e| DaemonError::Server {
                 what: "upload gRPC",
@@ -222,7 +302,7 @@ pub async fn run_with(
             })
     });
     tasks.spawn(async move {
-        d7y_vortex::serve(pieces, provider).await;
+        d7y_vortex::serve(pieces, provider, vortex_limits, piece_tls).await;
         Err(DaemonError::Server {
             what: "piece",
             reason: "listener closed".into(),
@@ -237,6 +317,19 @@ pub async fn run_with(
                 reason: e.to_string(),
             })
     });
+    let proxy_addr = proxy_listener.local_addr().ok();
+    tasks.spawn(async move {
+        proxy
+            .serve(proxy_listener)
+            .await
+            .map_err(|e| DaemonError::Server {
+                what: "proxy",
+                reason: e.to_string(),
+            })
+    });
+    if let Some(addr) = proxy_addr {
+        info!(%addr, "proxy and registry mirror listening");
+    }
     tasks.spawn(async move {
         http::serve_health(health_listener)
             .await
@@ -250,6 +343,13 @@ pub async fn run_with(
         Ok(())
     });
     let gc_schedulers = manager.schedulers.clone();
+    if let (true, Some(schedulers)) = (with_manager, schedulers.clone()) {
+        let (c, h, t) = (config.clone(), host.clone(), tls.manager.clone());
+        tasks.spawn(async move {
+            dynconfig::run(c, h, schedulers, control, t).await;
+            Ok(())
+        });
+    }
     if let Some(schedulers) = schedulers {
         let interval = config.scheduler.announce_interval;
         tasks.spawn(async move {
@@ -282,7 +382,116 @@ pub async fn run_with(
         },
     };
     tasks.abort_all();
+    if let Err(err) = storage.flush_all().await {
+        tracing::warn!(%err, "committing piece records at shutdown failed");
+    }
     let _ = std::fs::remove_file(&config.download.server.socket_path);
     info!("dfdaemon stopped");
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Forwards one connection until `frozen`; then passes nothing on (a peer that died
+    /// silently: its kernel keeps the connection, nobody answers) and reports when the
+    /// server closes its side.
+    async fn freezable_proxy(
+        server: SocketAddr,
+        frozen: Arc<AtomicBool>,
+        closed: tokio::sync::oneshot::Sender<()>,
+    ) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (client, _) = listener.accept().await.unwrap();
+            let upstream = tokio::net::TcpStream::connect(server).await.unwrap();
+            let (mut cr, mut cw) = client.into_split();
+            let (mut ur, mut uw) = upstream.into_split();
+            let f = frozen.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while !f.load(Ordering::SeqCst) {
+                    match tokio::time::timeout(Duration::from_millis(50), cr.read(&mut buf)).await {
+                        Ok(Ok(0)) | Ok(Err(_)) => return,
+                        Ok(Ok(n)) => {
+                            if uw.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => {}
+                    }
+                }
+                std::future::pending::<()>().await; // holds the client side open
+            });
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match ur.read(&mut buf).await {
+                    Ok(0) | Err(_) => {
+                        let _ = closed.send(());
+                        return;
+                    }
+                    Ok(n) if !frozen.load(Ordering::SeqCst) => {
+                        let _ = cw.write_all(&buf[..n]).await;
+                    }
+                    Ok(_) => {} // frozen: pings go unanswered
+                }
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_dies_silently_loses_its_streams_within_seconds() {
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = listener.local_addr().unwrap();
+        let incoming = d7y_net::incoming(
+            listener,
+            d7y_net::ConnLimiter::new(d7y_net::ConnLimits::default()),
+            None,
+        );
+        tokio::spawn(
+            hardened_server()
+                .add_service(health)
+                .serve_with_incoming(incoming),
+        );
+        let frozen = Arc::new(AtomicBool::new(false));
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+        let proxy = freezable_proxy(server, frozen.clone(), closed_tx).await;
+
+        // A long-lived server stream, like SyncPieces.
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{proxy}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+        let mut watch = client
+            .watch(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        watch.message().await.unwrap().unwrap();
+
+        let frozen_at = std::time::Instant::now();
+        frozen.store(true, Ordering::SeqCst);
+        let bound = KEEPALIVE + KEEPALIVE_TIMEOUT + Duration::from_secs(3);
+        tokio::time::timeout(bound, closed_rx)
+            .await
+            .expect("the server kept a silent peer's connection")
+            .unwrap();
+        assert!(
+            frozen_at.elapsed() >= KEEPALIVE,
+            "closed before any keepalive could fail"
+        );
+    }
 }

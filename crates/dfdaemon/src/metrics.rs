@@ -1,7 +1,7 @@
 //! Prometheus metrics with upstream's names (`dragonfly_dfdaemon_*`).
 
 use prometheus::{
-    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -11,6 +11,10 @@ const SUBSYSTEM: &str = "dfdaemon";
 /// All daemon metrics, registered in their own registry.
 pub struct Metrics {
     registry: Registry,
+    /// Label values seen per remote-chosen label (tag, application), bounded.
+    seen_labels: std::sync::Mutex<
+        std::collections::HashMap<&'static str, std::collections::HashSet<String>>,
+    >,
     pub download_task_total: IntCounterVec,
     pub download_task_failure_total: IntCounterVec,
     pub concurrent_download_task_total: IntGaugeVec,
@@ -31,6 +35,14 @@ pub struct Metrics {
     pub disk_space_total: IntGauge,
     pub disk_usage_space_total: IntGauge,
     pub gc_task_total: IntCounterVec,
+    pub proxy_request_total: IntCounter,
+    pub proxy_request_failure_total: IntCounter,
+    pub proxy_request_via_dfdaemon_total: IntCounter,
+    pub proxy_request_via_dfdaemon_and_cache_hits_total: IntCounter,
+    pub proxy_request_rate_limited_total: IntCounter,
+    /// Body bytes the proxy sent its clients, by path (`p2p`: from a task; `direct`: passed
+    /// through from the origin).
+    pub proxy_traffic: IntCounterVec,
     pub version: IntGaugeVec,
 }
 
@@ -54,6 +66,7 @@ impl Metrics {
         }
         let ms_buckets = || exponential_buckets(1.0, 2.0, 24).expect("valid buckets");
         let m = Metrics {
+            seen_labels: Default::default(),
             download_task_total: reg!(IntCounterVec::new(
                 opts(
                     "download_task_total",
@@ -188,6 +201,33 @@ impl Metrics {
                 ),
                 &["reason"]
             )),
+            proxy_request_total: reg!(IntCounter::with_opts(opts(
+                "proxy_request_total",
+                "Counter of the number of the proxy request."
+            ))),
+            proxy_request_failure_total: reg!(IntCounter::with_opts(opts(
+                "proxy_request_failure_total",
+                "Counter of the number of failed of the proxy request."
+            ))),
+            proxy_request_via_dfdaemon_total: reg!(IntCounter::with_opts(opts(
+                "proxy_request_via_dfdaemon_total",
+                "Counter of the number of the proxy request via dfdaemon."
+            ))),
+            proxy_request_via_dfdaemon_and_cache_hits_total: reg!(IntCounter::with_opts(opts(
+                "proxy_request_via_dfdaemon_and_cache_hits_total",
+                "Counter of the number of the proxy request via dfdaemon answered from the local cache."
+            ))),
+            proxy_request_rate_limited_total: reg!(IntCounter::with_opts(opts(
+                "proxy_request_rate_limited_total",
+                "Counter of the number of the proxy request refused by the rate limit."
+            ))),
+            proxy_traffic: reg!(IntCounterVec::new(
+                opts(
+                    "proxy_traffic",
+                    "Counter of the body bytes the proxy sent its clients."
+                ),
+                &["type"]
+            )),
             version: reg!(IntGaugeVec::new(
                 opts("version", "Version info of the service."),
                 &["git_version", "git_commit", "platform", "build_time"]
@@ -216,6 +256,35 @@ impl Default for Metrics {
     }
 }
 
+/// Distinct values a label that a remote request chooses (tag, application) may take; the
+/// rest are counted as `other`, so a stranger cannot grow the metrics without bound.
+pub const MAX_LABEL_VALUES: usize = 64;
+/// The longest label value kept as is.
+pub const MAX_LABEL_LEN: usize = 64;
+
+impl Metrics {
+    /// `value` as a label of kind `kind`: itself while the label has fewer than
+    /// [`MAX_LABEL_VALUES`] distinct values and it is short and printable, else `other`.
+    pub fn bounded_label(&self, kind: &'static str, value: &str) -> String {
+        if value.is_empty() {
+            return String::new(); // the common case: no tag, no application
+        }
+        if value.len() > MAX_LABEL_LEN || !value.bytes().all(|b| b.is_ascii_graphic()) {
+            return "other".into();
+        }
+        let mut seen = self.seen_labels.lock().unwrap_or_else(|e| e.into_inner());
+        let values = seen.entry(kind).or_default();
+        if values.contains(value) || values.len() < MAX_LABEL_VALUES {
+            values.insert(value.to_string());
+            value.to_string()
+        } else {
+            "other".into()
+        }
+    }
+}
+
+pub use d7y_types::priority_label;
+
 /// Upstream's task size buckets for duration histograms.
 pub fn task_size_level(content_length: u64) -> &'static str {
     const MIB: u64 = 1024 * 1024;
@@ -225,5 +294,26 @@ pub fn task_size_level(content_length: u64) -> &'static str {
         n if n <= 1024 * MIB => "level3",
         n if n <= 10 * 1024 * MIB => "level4",
         _ => "level5",
+    }
+}
+
+#[cfg(test)]
+mod label_tests {
+    use super::*;
+
+    #[test]
+    fn remote_labels_are_bounded() {
+        let m = Metrics::new();
+        assert_eq!(m.bounded_label("tag", ""), "");
+        for i in 0..1000 {
+            let label = m.bounded_label("tag", &format!("t{i}"));
+            assert_eq!(label == "other", i >= MAX_LABEL_VALUES, "{i}: {label}");
+        }
+        assert_eq!(m.bounded_label("tag", "t3"), "t3");
+        assert_eq!(m.bounded_label("application", &"x".repeat(65)), "other");
+        assert_eq!(m.bounded_label("application", "with space"), "other");
+        assert_eq!(priority_label(6), "6");
+        assert_eq!(priority_label(-1), "invalid");
+        assert_eq!(priority_label(1 << 20), "invalid");
     }
 }

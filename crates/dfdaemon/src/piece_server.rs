@@ -9,8 +9,10 @@ use chrono::DateTime;
 use d7y_storage::Storage;
 use d7y_vortex::{OpenedPiece, PieceMetadata, PieceProvider, ServeError};
 use dragonfly_api::common::v2::TrafficType;
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::Semaphore;
@@ -22,13 +24,46 @@ pub struct StoragePieces {
     pub traffic: Arc<Traffic>,
     pub bandwidth: Bandwidth,
     pub slots: Arc<Semaphore>,
+    /// The number of upload slots `slots` started with.
+    pub total_slots: usize,
     pub disable_shared: bool,
     pub buffer_size: usize,
     /// Pieces still arriving here, served as they arrive.
     pub flights: Arc<crate::relay::Flights>,
     /// Seed peers: told which pieces children asked for.
     pub super_seed: Option<Arc<crate::superseed::SuperSeed>>,
+    /// Pieces being served, by child address: one address gets at most a quarter of the
+    /// upload slots, so a stranger holding connections open cannot starve the others.
+    pub per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
 }
+
+impl StoragePieces {
+    /// Upload slots one address may hold at once.
+    fn per_ip_limit(&self, slots: usize) -> usize {
+        (slots / 4).max(1)
+    }
+}
+
+/// Counts a piece being served to an address.
+struct AddressSlot {
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut map = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// How long a request waits for an upload slot before the child is told to go elsewhere.
+const SLOT_WAIT: Duration = Duration::from_secs(5);
 
 /// Where a requested piece is.
 enum Found {
@@ -37,6 +72,7 @@ enum Found {
 }
 
 struct UploadGuard {
+    _address: AddressSlot,
     _permit: tokio::sync::OwnedSemaphorePermit,
     _lease: d7y_storage::TaskLease,
     metrics: Arc<Metrics>,
@@ -49,12 +85,20 @@ impl Drop for UploadGuard {
 }
 
 impl PieceProvider for StoragePieces {
-    async fn open(&self, task_id: &str, number: u32) -> Result<OpenedPiece, ServeError> {
+    async fn open(
+        &self,
+        task_id: &str,
+        number: u32,
+        from: IpAddr,
+    ) -> Result<OpenedPiece, ServeError> {
         if self.disable_shared {
             return Err(ServeError::not_found("this peer does not share its tasks"));
         }
-        if let Some(seed) = &self.super_seed {
-            seed.served(task_id, number);
+        if !d7y_types::is_task_id(task_id) {
+            return Err(ServeError {
+                code: d7y_vortex::Code::InvalidArgument,
+                message: "the task ID must be 64 lowercase hex characters".into(),
+            });
         }
         let fail = |e: ServeError| {
             self.metrics
@@ -65,26 +109,62 @@ impl PieceProvider for StoragePieces {
         };
         // A piece in flight first: once its flight is over it is in storage, so a piece
         // that is here is found by one of the two lookups.
+        let not_here = || {
+            fail(ServeError::not_found(format!(
+                "piece {number} of task {task_id} is not here"
+            )))
+        };
         let found = match self.flights.get(task_id, number) {
             Some(flight) => Found::Flight(flight),
-            None => Found::Stored(
-                self.storage
+            None => {
+                let piece = self
+                    .storage
                     .piece(task_id, number)
                     .await
                     .map_err(|e| fail(ServeError::internal(e.to_string())))?
-                    .ok_or_else(|| {
-                        fail(ServeError::not_found(format!(
-                            "piece {number} of task {task_id} is not here"
-                        )))
-                    })?,
-            ),
+                    .ok_or_else(not_here)?;
+                // A piece from before a restart is served once its bytes match its CRC.
+                let intact = self
+                    .storage
+                    .check_piece(task_id, &piece)
+                    .await
+                    .map_err(|e| fail(ServeError::internal(e.to_string())))?;
+                if !intact {
+                    return Err(not_here());
+                }
+                Found::Stored(piece)
+            }
         };
-        let permit = self
-            .slots
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| ServeError::internal("shutting down"))?;
+        // Only a piece that is here is worth remembering (the super-seeding map is keyed
+        // by what children ask for).
+        if let Some(seed) = &self.super_seed {
+            seed.served(task_id, number);
+        }
+        let address = {
+            let limit = self.per_ip_limit(self.total_slots);
+            let mut map = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+            let n = map.entry(from).or_default();
+            if *n >= limit {
+                return Err(ServeError::internal(format!(
+                    "{from} already has {limit} pieces in flight here; try another parent"
+                )));
+            }
+            *n += 1;
+            AddressSlot {
+                per_ip: self.per_ip.clone(),
+                ip: from,
+            }
+        };
+        let permit = match tokio::time::timeout(SLOT_WAIT, self.slots.clone().acquire_owned()).await
+        {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) => return Err(ServeError::internal("shutting down")),
+            Err(_) => {
+                return Err(ServeError::internal(
+                    "every upload slot is busy; try another parent",
+                ))
+            }
+        };
         let lease = self.storage.lease(task_id);
         let offset = match &found {
             Found::Stored(piece) => piece.offset,
@@ -144,6 +224,7 @@ impl PieceProvider for StoragePieces {
             metadata,
             reader,
             guard: Box::new(UploadGuard {
+                _address: address,
                 _permit: permit,
                 _lease: lease,
                 metrics: self.metrics.clone(),
@@ -172,7 +253,7 @@ impl PieceProvider for StoragePieces {
 mod tests {
     use super::*;
     use crate::relay::{FlightInfo, Flights};
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     struct Served {
         storage: Storage,
@@ -182,6 +263,10 @@ mod tests {
     }
 
     async fn serve() -> Served {
+        serve_with(4, d7y_vortex::ServerLimits::default()).await
+    }
+
+    async fn serve_with(slots: usize, limits: d7y_vortex::ServerLimits) -> Served {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path(), true).unwrap();
         let flights = Arc::new(Flights::default());
@@ -190,7 +275,9 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             traffic: Arc::default(),
             bandwidth: Bandwidth::new(u64::MAX),
-            slots: Arc::new(Semaphore::new(4)),
+            slots: Arc::new(Semaphore::new(slots)),
+            total_slots: slots,
+            per_ip: Arc::default(),
             disable_shared: false,
             buffer_size: 64 * 1024,
             flights: flights.clone(),
@@ -198,7 +285,7 @@ mod tests {
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(d7y_vortex::serve(listener, provider));
+        tokio::spawn(d7y_vortex::serve(listener, provider, limits, None));
         Served {
             storage,
             flights,
@@ -328,5 +415,128 @@ mod tests {
             .unwrap();
         let err = client.request_piece(&task, 2).await.unwrap_err();
         assert!(err.is_not_found(), "{err}");
+    }
+
+    /// Stores a finished piece 0 of `len` bytes for `task`.
+    async fn store_piece(s: &Served, task: &str, len: usize) -> Vec<u8> {
+        let data: Vec<u8> = (0..len as u32).map(|i| (i % 253) as u8).collect();
+        let writer = s.storage.open_content_for_write(task).await.unwrap();
+        writer
+            .write_at(0, bytes::Bytes::copy_from_slice(&data))
+            .await
+            .unwrap();
+        let digest = d7y_types::Digest::crc32(crc32fast::hash(&data)).to_string();
+        s.storage
+            .put_piece(task, d7y_storage::PieceMeta::new(0, 0, len as u64, digest))
+            .await
+            .unwrap();
+        data
+    }
+
+    /// A raw connection from `ip` (any 127.0.0.0/8 address is local).
+    async fn connect_from(ip: &str, addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        socket.connect(addr).await.unwrap()
+    }
+
+    /// Whether the server closes (or refuses) the connection within `within`.
+    async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
+        let mut buf = vec![0u8; 64 * 1024];
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+                Err(_) => return false,
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => {} // an error packet or piece bytes: keep reading to the end
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn strangers_are_capped_idle_ones_closed_and_a_good_child_still_served() {
+        let limits = d7y_vortex::ServerLimits {
+            max_connections: 100,
+            max_connections_per_ip: 20,
+            idle_timeout: Duration::from_millis(800),
+            write_timeout: Duration::from_millis(800),
+        };
+        let s = serve_with(2, limits).await;
+        let task = "e".repeat(64);
+        // Larger than the socket buffers, so a child that does not read blocks the write.
+        let data = store_piece(&s, &task, 16 * 1024 * 1024).await;
+
+        // 20 connections from one address ask for the piece and never read; 20 more sit
+        // idle; the next ones are refused at once.
+        let mut stalled = Vec::new();
+        for _ in 0..20 {
+            let mut c = connect_from("127.0.0.1", s.addr).await;
+            let request = d7y_vortex::encode_request(&task, 0);
+            c.write_all(&request).await.unwrap();
+            stalled.push(c);
+        }
+        let mut refused = 0;
+        for _ in 0..20 {
+            let mut c = connect_from("127.0.0.1", s.addr).await;
+            if closed_within(&mut c, Duration::from_millis(300)).await {
+                refused += 1;
+            }
+        }
+        assert_eq!(
+            refused, 20,
+            "connections beyond the per-address cap must be refused"
+        );
+
+        // A well-behaved child on another address gets the piece, even with both upload
+        // slots taken by stalled strangers (their writes time out and free them).
+        let started = std::time::Instant::now();
+        let mut client = d7y_vortex::Client::connect_from(
+            s.addr,
+            Some("127.0.0.2".parse().unwrap()),
+            Duration::from_secs(3),
+        )
+        .await
+        .unwrap();
+        let (meta, got) = client.fetch_piece(&task, 0).await.unwrap();
+        assert_eq!(meta.length, data.len() as u64);
+        assert!(got == data);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+
+        // The stalled and idle connections are closed within their timeouts.
+        let mut idle = connect_from("127.0.0.3", s.addr).await;
+        assert!(
+            closed_within(&mut idle, Duration::from_secs(3)).await,
+            "idle kept open"
+        );
+        for mut c in stalled {
+            // Drain what was buffered: the server must have cut the piece short.
+            let mut total = 0usize;
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                match tokio::time::timeout(Duration::from_secs(3), c.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => break,
+                    Ok(Ok(n)) => total += n,
+                    Err(_) => panic!("a stalled connection was kept open"),
+                }
+            }
+            assert!(
+                total < data.len(),
+                "a stalled child was sent the whole piece"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_task_ids_are_refused_before_any_lookup() {
+        let s = serve().await;
+        let mut client = d7y_vortex::Client::connect(s.addr, Duration::from_secs(3))
+            .await
+            .unwrap();
+        let err = client.request_piece(&"Z".repeat(64), 0).await.unwrap_err();
+        assert!(err.to_string().contains("64 lowercase hex"), "{err}");
     }
 }

@@ -12,7 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -29,28 +29,83 @@ pub enum SchedulerError {
     Refused { addr: String, message: String },
 }
 
-/// The configured schedulers.
+/// The schedulers: configured once, or followed from the manager (see [`crate::dynconfig`]).
 pub struct Schedulers {
-    ring: HashRing<String>,
+    ring: std::sync::RwLock<HashRing<String>>,
     host: Arc<HostInfo>,
     traffic: Arc<Traffic>,
     channels: Mutex<HashMap<String, Channel>>,
     announced: Mutex<HashSet<String>>,
+    /// Mutual TLS with the schedulers (`scheduler.caCert/cert/key`), when configured.
+    tls: Option<Arc<d7y_net::ClientTls>>,
+    /// The longest wait for a scheduler's first answer to a registration.
+    schedule_timeout: Duration,
 }
 
 impl Schedulers {
     pub fn new(addrs: Vec<String>, host: Arc<HostInfo>, traffic: Arc<Traffic>) -> Schedulers {
         Schedulers {
-            ring: HashRing::new(addrs),
+            ring: std::sync::RwLock::new(HashRing::new(addrs)),
             host,
             traffic,
             channels: Mutex::default(),
             announced: Mutex::default(),
+            tls: None,
+            schedule_timeout: Duration::from_secs(3 * 3600),
         }
     }
 
+    /// Talks to the schedulers over mutual TLS.
+    pub fn with_tls(mut self, tls: Option<Arc<d7y_net::ClientTls>>) -> Schedulers {
+        self.tls = tls;
+        self
+    }
+
+    /// Waits at most `timeout` for a scheduler's first answer (`scheduler.scheduleTimeout`).
+    pub fn with_schedule_timeout(mut self, timeout: Duration) -> Schedulers {
+        self.schedule_timeout = timeout;
+        self
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.ring.is_empty()
+        self.ring.read().expect("ring").is_empty()
+    }
+
+    /// The schedulers in the order they are tried for `key` (a task ID).
+    fn order(&self, key: &str) -> Vec<String> {
+        self.ring
+            .read()
+            .expect("ring")
+            .successors(key)
+            .cloned()
+            .collect()
+    }
+
+    /// Every scheduler address (`host:port`).
+    pub fn addrs(&self) -> Vec<String> {
+        let mut all = self.order("");
+        all.sort();
+        all
+    }
+
+    /// Replaces the schedulers (the manager's answer changed); connections to ones no
+    /// longer listed are dropped. Returns whether the set changed.
+    pub fn set_addrs(&self, mut addrs: Vec<String>) -> bool {
+        addrs.sort();
+        addrs.dedup();
+        if addrs == self.addrs() {
+            return false;
+        }
+        *self.ring.write().expect("ring") = HashRing::new(addrs.clone());
+        self.channels
+            .lock()
+            .expect("channels")
+            .retain(|a, _| addrs.contains(a));
+        self.announced
+            .lock()
+            .expect("announced")
+            .retain(|a| addrs.contains(a));
+        true
     }
 
     pub fn host(&self) -> &Arc<HostInfo> {
@@ -61,13 +116,21 @@ impl Schedulers {
         if let Some(c) = self.channels.lock().expect("channels").get(addr) {
             return Ok(c.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .connect()
-            .await?;
+        // Only bind the source when it can reach the target's address family.
+        let source = self.host.source_ip.filter(|ip| {
+            addr.parse::<std::net::SocketAddr>()
+                .map_or(true, |target| target.is_ipv4() == ip.is_ipv4())
+        });
+        let channel = d7y_net::channel(
+            addr,
+            &d7y_net::ChannelOptions {
+                tls: self.tls.clone(),
+                local: source,
+                connect_timeout: Some(CONNECT_TIMEOUT),
+                keepalive: Some((Duration::from_secs(10), Duration::from_secs(5))),
+            },
+        )
+        .await?;
         self.channels
             .lock()
             .expect("channels")
@@ -98,12 +161,31 @@ impl Schedulers {
         Ok(())
     }
 
+    /// Announces this host to the schedulers it has not announced itself to yet (new ones
+    /// from the manager), so they know it before its first download there.
+    pub async fn announce_new(&self) {
+        let fresh: Vec<String> = {
+            let announced = self.announced.lock().expect("announced");
+            self.order("")
+                .into_iter()
+                .filter(|a| !announced.contains(a))
+                .collect()
+        };
+        for addr in fresh {
+            if let Err(status) = self.announce_to(&addr).await {
+                debug!(addr, error = status.message(), "announce host failed");
+                self.forget(&addr);
+            }
+        }
+    }
+
     /// Announces this host to every scheduler, every `interval`, forever.
     pub async fn announce_loop(self: Arc<Self>, interval: Duration) {
         let mut ticker = tokio::time::interval(interval.max(Duration::from_secs(1)));
         loop {
             ticker.tick().await;
-            for addr in self.ring.successors("") {
+            for addr in self.order("") {
+                let addr = addr.as_str();
                 if let Err(status) = self.announce_to(addr).await {
                     debug!(addr, error = status.message(), "announce host failed");
                     self.forget(addr);
@@ -152,10 +234,14 @@ impl Schedulers {
             {
                 Ok(r) => {
                     let mut responses = r.into_inner();
-                    match responses.message().await {
-                        Ok(Some(m)) => Ok((m.response, responses)),
-                        Ok(None) => Err(tonic::Status::unavailable("stream closed at once")),
-                        Err(status) => Err(status),
+                    match tokio::time::timeout(self.schedule_timeout, responses.message()).await {
+                        Ok(Ok(Some(m))) => Ok((m.response, responses)),
+                        Ok(Ok(None)) => Err(tonic::Status::unavailable("stream closed at once")),
+                        Ok(Err(status)) => Err(status),
+                        Err(_) => Err(tonic::Status::unavailable(format!(
+                            "no answer within scheduler.scheduleTimeout ({:?})",
+                            self.schedule_timeout
+                        ))),
                     }
                 }
                 Err(status) => Err(status),
@@ -237,14 +323,31 @@ impl Announce {
 }
 
 impl Schedulers {
+    /// What the task's scheduler knows of `task_id`, if it answers quickly.
+    pub async fn stat_task(&self, task_id: &str) -> Option<dragonfly_api::common::v2::Task> {
+        let addr = self.order(task_id).into_iter().next()?;
+        let channel = self.channel(&addr).await.ok()?;
+        let mut request = tonic::Request::new(StatTaskRequest {
+            host_id: self.host.host_id.clone(),
+            task_id: task_id.to_string(),
+        });
+        request.set_timeout(Duration::from_secs(2));
+        SchedulerClient::new(channel)
+            .stat_task(request)
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    }
+
     /// Tells the task's scheduler that this host no longer holds `task_id` (removed by GC or
     /// on request), so it stops offering this host as a parent for it. Best effort: the
     /// scheduler also forgets the peer by its TTL, and a child offered a peer without the
     /// task reschedules. The first scheduler on the ring that answers is told.
     pub async fn forget_task(&self, task_id: &str) -> Result<(), SchedulerError> {
         let mut tried = Vec::new();
-        for addr in self.ring.successors(task_id) {
+        for addr in self.order(task_id) {
             tried.push(addr.clone());
+            let addr = &addr;
             let channel = match self.channel(addr).await {
                 Ok(channel) => channel,
                 Err(err) => {
@@ -285,8 +388,9 @@ impl Schedulers {
         download: Download,
     ) -> Result<AnnounceStream, SchedulerError> {
         let mut tried = Vec::new();
-        for addr in self.ring.successors(task_id) {
+        for addr in self.order(task_id) {
             tried.push(addr.clone());
+            let addr = &addr;
             match self
                 .try_register(addr, task_id, peer_id, download.clone())
                 .await

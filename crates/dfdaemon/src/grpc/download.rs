@@ -47,6 +47,31 @@ pub(crate) async fn stat_local_impl(
     Ok(stat_local(&meta))
 }
 
+/// ListTaskEntries on either service (`local`: the unix socket).
+pub(crate) async fn list_entries_impl(
+    manager: &TaskManager,
+    request: &ListTaskEntriesRequest,
+    local: bool,
+) -> Result<Response<ListTaskEntriesResponse>, Status> {
+    let entries = manager
+        .list_entries(request, local)
+        .await
+        .map_err(|e| e.to_status())?;
+    Ok(Response::new(ListTaskEntriesResponse {
+        content_length: 0,
+        response_header: Default::default(),
+        status_code: None,
+        entries: entries
+            .into_iter()
+            .map(|e| Entry {
+                url: e.url,
+                content_length: e.content_length,
+                is_dir: e.is_dir,
+            })
+            .collect(),
+    }))
+}
+
 pub(crate) async fn delete_impl(manager: &TaskManager, task_id: &str) -> Result<(), Status> {
     manager
         .metrics
@@ -64,7 +89,7 @@ impl DfdaemonDownload for DownloadService {
         &self,
         request: Request<DownloadTaskRequest>,
     ) -> Result<Response<Self::DownloadTaskStream>, Status> {
-        super::download_task(&self.manager, &self.host, request.into_inner()).await
+        super::download_task(&self.manager, &self.host, request.into_inner(), true).await
     }
 
     async fn stat_task(&self, request: Request<StatTaskRequest>) -> Result<Response<Task>, Status> {
@@ -104,9 +129,9 @@ impl DfdaemonDownload for DownloadService {
 
     async fn list_task_entries(
         &self,
-        _request: Request<ListTaskEntriesRequest>,
+        request: Request<ListTaskEntriesRequest>,
     ) -> Result<Response<ListTaskEntriesResponse>, Status> {
-        Err(unimplemented("ListTaskEntries"))
+        list_entries_impl(&self.manager, &request.into_inner(), true).await
     }
 
     async fn delete_task(

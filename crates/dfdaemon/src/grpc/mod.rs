@@ -195,16 +195,20 @@ pub(crate) async fn serve_download(
     host_id: String,
     peer_id: String,
     download: dragonfly_api::common::v2::Download,
+    local: bool,
 ) -> Result<mpsc::Receiver<Result<DownloadTaskResponse, Status>>, Status> {
-    let plan = mgr.plan(&download).map_err(|e| e.to_status())?;
+    let mut plan = mgr.plan(&download).map_err(|e| e.to_status())?;
+    if local {
+        plan = plan.local();
+    }
     if let Some(output) = &plan.output_path {
         crate::task::check_output(output, plan.overwrite).map_err(|e| e.to_status())?;
     }
     let labels = [
         "STANDARD".to_string(),
-        plan.tag.clone(),
-        plan.application.clone(),
-        plan.priority.to_string(),
+        mgr.metrics.bounded_label("tag", &plan.tag),
+        mgr.metrics.bounded_label("application", &plan.application),
+        crate::metrics::priority_label(plan.priority).to_string(),
     ];
     let labels: [&str; 4] = [&labels[0], &labels[1], &labels[2], &labels[3]];
     mgr.metrics
@@ -285,10 +289,13 @@ pub(crate) fn unimplemented(what: &str) -> Status {
 }
 
 /// The DownloadTask RPC, shared by the download (local) and upload (remote) services.
+/// `local`: the request came over the unix socket (this host's users), so the origin may
+/// be asked with this process's environment credentials.
 pub(crate) async fn download_task(
     manager: &Arc<TaskManager>,
     host: &HostInfo,
     request: dragonfly_api::dfdaemon::v2::DownloadTaskRequest,
+    local: bool,
 ) -> Result<tonic::Response<BoxStream<DownloadTaskResponse>>, Status> {
     let download = request
         .download
@@ -298,6 +305,7 @@ pub(crate) async fn download_task(
         host.host_id.clone(),
         host.identity.peer_id(),
         download,
+        local,
     )
     .await?;
     Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))

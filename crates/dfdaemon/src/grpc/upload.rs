@@ -1,10 +1,12 @@
 //! `dfdaemon.v2.DfdaemonUpload` on TCP, for other peers and the scheduler.
 
-use super::download::{delete_impl, stat_local_impl, stat_task_impl};
+use super::download::{delete_impl, list_entries_impl, stat_local_impl, stat_task_impl};
 use super::{unimplemented, BoxStream};
 use crate::host::{HostInfo, Traffic};
 use crate::task::TaskManager;
-use dragonfly_api::common::v2::{CacheTask, Host, PersistentCacheTask, PersistentTask, Task};
+use dragonfly_api::common::v2::{
+    CacheTask, Download, Host, PersistentCacheTask, PersistentTask, Task,
+};
 use dragonfly_api::dfdaemon::v2::dfdaemon_upload_server::DfdaemonUpload;
 use dragonfly_api::dfdaemon::v2::*;
 use std::collections::HashSet;
@@ -13,6 +15,41 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+
+/// Refuses the parts of a download that only a local user may ask for: writing a file at
+/// a path of the caller's choice (`output_path`, `overwrite`, `force_hard_link`) and piece
+/// content streamed back over gRPC (`need_piece_content`, which a caller need not read).
+pub(crate) fn check_remote(download: &Download) -> Result<(), Status> {
+    let refused = [
+        (download.output_path.is_some(), "output_path"),
+        (download.overwrite, "overwrite"),
+        (download.force_hard_link, "force_hard_link"),
+        (download.need_piece_content, "need_piece_content"),
+    ];
+    if let Some((_, field)) = refused.iter().find(|(set, _)| *set) {
+        return Err(Status::permission_denied(format!(
+            "{field} is a local-only option: it is accepted only on the dfdaemon's unix socket, \
+             not from the network"
+        )));
+    }
+    Ok(())
+}
+
+/// The IDs of a SyncPieces request, checked before they reach a map (the super-seeding
+/// slots are keyed by host).
+fn check_sync_request(task_id: &str, host_id: &str) -> Result<(), Status> {
+    if !d7y_types::is_task_id(task_id) {
+        return Err(Status::invalid_argument(
+            "task_id must be 64 lowercase hex characters",
+        ));
+    }
+    if host_id.is_empty() || host_id.len() > 512 || !host_id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Status::invalid_argument(
+            "host_id must be 1 to 512 printable ASCII characters",
+        ));
+    }
+    Ok(())
+}
 
 /// How often SyncHost reports.
 const SYNC_HOST_INTERVAL: Duration = Duration::from_secs(1);
@@ -23,17 +60,26 @@ pub struct UploadService {
     pub traffic: Arc<Traffic>,
     /// Seed peers only: who hears of a new piece first.
     pub super_seed: Option<Arc<crate::superseed::SuperSeed>>,
+    /// The manager and schedulers: the only network callers that may delete a task.
+    pub control: Arc<crate::dynconfig::ControlPlane>,
 }
 
 #[tonic::async_trait]
 impl DfdaemonUpload for UploadService {
     type DownloadTaskStream = BoxStream<DownloadTaskResponse>;
 
+    /// What the scheduler asks of a seed peer (and a preheat of any peer): download a task
+    /// into this daemon's own storage. Placing the output anywhere, streaming piece
+    /// content back, and similar local powers are refused here (see [`check_remote`]).
     async fn download_task(
         &self,
         request: Request<DownloadTaskRequest>,
     ) -> Result<Response<Self::DownloadTaskStream>, Status> {
-        super::download_task(&self.manager, &self.host, request.into_inner()).await
+        let request = request.into_inner();
+        if let Some(download) = &request.download {
+            check_remote(download)?;
+        }
+        super::download_task(&self.manager, &self.host, request, false).await
     }
 
     async fn stat_task(&self, request: Request<StatTaskRequest>) -> Result<Response<Task>, Status> {
@@ -51,18 +97,35 @@ impl DfdaemonUpload for UploadService {
         ))
     }
 
+    /// Lists with the request's own credentials only (never this host's environment's).
     async fn list_task_entries(
         &self,
-        _request: Request<ListTaskEntriesRequest>,
+        request: Request<ListTaskEntriesRequest>,
     ) -> Result<Response<ListTaskEntriesResponse>, Status> {
-        Err(unimplemented("ListTaskEntries"))
+        list_entries_impl(&self.manager, &request.into_inner(), false).await
     }
 
+    /// Only the control plane (the manager's delete_task job, a scheduler) may delete a
+    /// task over the network; a stranger cannot empty this host's cache.
     async fn delete_task(
         &self,
         request: Request<DeleteTaskRequest>,
     ) -> Result<Response<()>, Status> {
-        delete_impl(&self.manager, &request.into_inner().task_id).await?;
+        let caller = request.remote_addr().map(|a| a.ip());
+        if !caller.is_some_and(|ip| self.control.trusts(ip)) {
+            return Err(Status::permission_denied(
+                "DeleteTask over the network is served only to this dfdaemon's manager and \
+                 schedulers; use the local unix socket",
+            ));
+        }
+        let task_id = request.into_inner().task_id;
+        if !d7y_types::is_task_id(&task_id) {
+            return Err(Status::invalid_argument(
+                "task_id must be 64 lowercase hex characters",
+            ));
+        }
+        tracing::info!(task_id, caller = ?caller, "task deleted on the control plane's request");
+        delete_impl(&self.manager, &task_id).await?;
         Ok(Response::new(()))
     }
 
@@ -76,6 +139,7 @@ impl DfdaemonUpload for UploadService {
     ) -> Result<Response<Self::SyncPiecesStream>, Status> {
         let request = request.into_inner();
         let task_id = request.task_id;
+        check_sync_request(&task_id, &request.host_id)?;
         let run = match self.manager.running_run(&task_id) {
             Some(run) => run,
             None => self

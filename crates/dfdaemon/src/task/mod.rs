@@ -9,16 +9,18 @@ mod p2p;
 mod run;
 mod sink;
 mod source;
+mod stream;
 
 pub use output::{check_output, place_output};
 pub use run::{RunState, TaskRun};
+pub use stream::{stream_range, Chunk};
 
 use crate::error::TaskError;
 use crate::host::HostInfo;
 use crate::metrics::Metrics;
 use crate::ratelimit::Bandwidth;
 use crate::scheduler::Schedulers;
-use d7y_backend::HttpBackend;
+use d7y_backend::Backend;
 use d7y_config::dfdaemon::Config;
 use d7y_storage::{now_secs, Storage, TaskMeta};
 use d7y_types::id::{default_filtered_query_params, task_id, TaskIdParams};
@@ -31,8 +33,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tracing::{info, warn};
 
-/// A validated download request.
-#[derive(Debug, Clone)]
+/// Extra trusted certificates a request may carry, and their size.
+const MAX_CERTIFICATES: usize = 16;
+const MAX_CERTIFICATE_BYTES: usize = 64 * 1024;
+
+/// A validated download request. Not `Debug`: the request carries credentials.
+#[derive(Clone)]
 pub struct DownloadPlan {
     pub task_id: String,
     pub url: url::Url,
@@ -50,13 +56,110 @@ pub struct DownloadPlan {
     pub need_piece_content: bool,
     /// The request as received (what the scheduler and seed peers are told).
     pub download: Download,
+    /// Who to be at the origin (from the request).
+    pub credentials: d7y_backend::Credentials,
+}
+
+impl DownloadPlan {
+    /// The origin request of this download.
+    pub fn source_request(&self) -> d7y_backend::SourceRequest {
+        d7y_backend::SourceRequest {
+            url: self.url.clone(),
+            headers: self.headers.clone(),
+            certificate_chain: self.download.certificate_chain.clone(),
+            credentials: self.credentials.clone(),
+        }
+    }
+
+    /// Lets the origin request use this process's environment credentials: for requests
+    /// of this host's own users (the unix socket), never for the network's.
+    pub fn local(mut self) -> DownloadPlan {
+        self.credentials.allow_environment = true;
+        self
+    }
+
+    /// Digests the whole content must have: an OCI blob's (from its URL) and the one the
+    /// request named.
+    pub fn content_digests(&self) -> Vec<Digest> {
+        let mut digests = Vec::new();
+        if let Some(hex) = d7y_types::id::blob_digest_encoded(self.url.as_str()) {
+            if let Ok(d) = format!("sha256:{hex}").parse::<Digest>() {
+                digests.push(d);
+            }
+        }
+        if let Some(d) = &self.digest {
+            if !digests.contains(d) {
+                digests.push(d.clone());
+            }
+        }
+        digests
+    }
+}
+
+/// The credentials a request carries, as the backend takes them.
+pub(crate) fn credentials_of(download: &Download) -> d7y_backend::Credentials {
+    let hub = download
+        .hugging_face
+        .as_ref()
+        .map(|h| (h.token.clone(), h.revision.clone(), h.base_url.clone()))
+        .or_else(|| {
+            download
+                .model_scope
+                .as_ref()
+                .map(|m| (m.token.clone(), m.revision.clone(), m.base_url.clone()))
+        })
+        .map(|(token, revision, base_url)| d7y_backend::HubAuth {
+            token,
+            revision,
+            base_url,
+        });
+    d7y_backend::Credentials {
+        object_storage: download
+            .object_storage
+            .as_ref()
+            .map(|o| d7y_backend::ObjectStorageAuth {
+                region: o.region.clone(),
+                endpoint: o.endpoint.clone(),
+                access_key_id: o.access_key_id.clone(),
+                access_key_secret: o.access_key_secret.clone(),
+                session_token: o.session_token.clone(),
+                credential_path: o.credential_path.clone(),
+                security_token: o.security_token.clone(),
+            }),
+        hdfs_delegation_token: download
+            .hdfs
+            .as_ref()
+            .and_then(|h| h.delegation_token.clone()),
+        hub,
+        allow_environment: false,
+    }
+}
+
+/// The revision that is part of a hub file's task ID (as upstream hashes it): the request's,
+/// or the hub's default branch.
+fn revision_of(download: &Download, url: &url::Url) -> Option<String> {
+    let given = match url.scheme() {
+        "hf" => download.hugging_face.as_ref().map(|h| h.revision.clone()),
+        "modelscope" => download.model_scope.as_ref().map(|m| m.revision.clone()),
+        _ => return None,
+    };
+    let default = if url.scheme() == "hf" {
+        "main"
+    } else {
+        "master"
+    };
+    Some(
+        given
+            .filter(|r| !r.is_empty())
+            .unwrap_or_else(|| default.to_string()),
+    )
 }
 
 /// Owns every task run of this daemon.
 pub struct TaskManager {
     pub(crate) config: Arc<Config>,
     pub(crate) storage: Storage,
-    pub(crate) backend: HttpBackend,
+    pub(crate) backend: Backend,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) download_bandwidth: Bandwidth,
     pub(crate) source_bandwidth: Bandwidth,
@@ -65,6 +168,8 @@ pub struct TaskManager {
     pub(crate) schedulers: Option<Arc<Schedulers>>,
     /// Pieces arriving from parents, servable before they are whole.
     pub(crate) flights: Arc<crate::relay::Flights>,
+    /// Mutual TLS towards other peers (`upload.client`), when configured.
+    pub(crate) peer_tls: Option<Arc<d7y_net::ClientTls>>,
     running: Mutex<HashMap<String, Arc<TaskRun>>>,
 }
 
@@ -72,7 +177,7 @@ impl TaskManager {
     pub fn new(
         config: Arc<Config>,
         storage: Storage,
-        backend: HttpBackend,
+        backend: Backend,
         metrics: Arc<Metrics>,
         host: Arc<HostInfo>,
         schedulers: Option<Arc<Schedulers>>,
@@ -87,9 +192,27 @@ impl TaskManager {
             backend,
             metrics,
             host,
-            schedulers: schedulers.filter(|s| !s.is_empty()),
+            // Kept even while empty: a manager may name schedulers later.
+            schedulers,
             flights: Arc::default(),
+            peer_tls: None,
             running: Mutex::default(),
+        }
+    }
+
+    /// Uses mutual TLS towards other peers' upload and piece servers.
+    pub fn with_peer_tls(mut self, tls: Option<Arc<d7y_net::ClientTls>>) -> TaskManager {
+        self.peer_tls = tls;
+        self
+    }
+
+    /// How to reach another peer's upload service.
+    pub(crate) fn peer_channel_options(&self) -> d7y_net::ChannelOptions {
+        d7y_net::ChannelOptions {
+            tls: self.peer_tls.clone(),
+            local: None,
+            connect_timeout: Some(Duration::from_secs(3)),
+            keepalive: Some((Duration::from_secs(10), Duration::from_secs(5))),
         }
     }
 
@@ -97,16 +220,65 @@ impl TaskManager {
         &self.storage
     }
 
+    /// The files under a directory URL (object store prefix, HDFS directory, hub repo), for
+    /// a recursive download. `local`: asked on the unix socket.
+    pub async fn list_entries(
+        &self,
+        request: &dragonfly_api::dfdaemon::v2::ListTaskEntriesRequest,
+        local: bool,
+    ) -> Result<Vec<d7y_backend::Entry>, TaskError> {
+        let url = url::Url::parse(&request.url).map_err(|e| {
+            TaskError::InvalidArgument(format!("malformed URL {:?}: {e}", request.url))
+        })?;
+        if request.request_header.len() > 256 || request.certificate_chain.len() > MAX_CERTIFICATES
+        {
+            return Err(TaskError::InvalidArgument(
+                "too many request headers or certificates".into(),
+            ));
+        }
+        // The credential fields are Download's; reuse its mapping.
+        let as_download = Download {
+            object_storage: request.object_storage.clone(),
+            hdfs: request.hdfs.clone(),
+            hugging_face: request.hugging_face.clone(),
+            model_scope: request.model_scope.clone(),
+            ..Default::default()
+        };
+        let mut credentials = credentials_of(&as_download);
+        credentials.allow_environment = local;
+        let mut headers: Vec<(String, String)> = request
+            .request_header
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        headers.sort();
+        let source = d7y_backend::SourceRequest {
+            url,
+            headers,
+            certificate_chain: request.certificate_chain.clone(),
+            credentials,
+        };
+        let timeout = request
+            .timeout
+            .as_ref()
+            .and_then(proto_duration)
+            .filter(|d| !d.is_zero())
+            .unwrap_or(Duration::from_secs(120))
+            .min(Duration::from_secs(3600));
+        Ok(self.backend.list(&source, timeout).await?)
+    }
+
     /// Validates a request and derives its task ID.
     pub fn plan(&self, download: &Download) -> Result<DownloadPlan, TaskError> {
         let url = url::Url::parse(&download.url).map_err(|e| {
             TaskError::InvalidArgument(format!("malformed URL {:?}: {e}", download.url))
         })?;
-        if !matches!(url.scheme(), "http" | "https") {
+        if !d7y_backend::supported_schemes().contains(&url.scheme()) {
             return Err(TaskError::InvalidArgument(format!(
-                "unsupported URL scheme {:?} in {}: only http and https are supported",
+                "unsupported URL scheme {:?} in {}: supported are {}",
                 url.scheme(),
-                download.url
+                download.url,
+                d7y_backend::supported_schemes().join(", ")
             )));
         }
         if url.host_str().is_none_or(str::is_empty) {
@@ -115,6 +287,7 @@ impl TaskManager {
                 download.url
             )));
         }
+        self.backend.policy().check_url(&url)?;
         if download.range.is_some() {
             return Err(TaskError::InvalidArgument(
                 "range downloads are not supported yet; download the whole file".into(),
@@ -130,6 +303,16 @@ impl TaskManager {
             return Err(TaskError::InvalidArgument(
                 "a Range request header is not supported yet; download the whole file".into(),
             ));
+        }
+        if download.certificate_chain.len() > MAX_CERTIFICATES
+            || download
+                .certificate_chain
+                .iter()
+                .any(|c| c.len() > MAX_CERTIFICATE_BYTES)
+        {
+            return Err(TaskError::InvalidArgument(format!(
+                "certificate_chain holds at most {MAX_CERTIFICATES} certificates of at most {MAX_CERTIFICATE_BYTES} bytes"
+            )));
         }
         let piece_length = download
             .piece_length
@@ -166,7 +349,7 @@ impl TaskManager {
             tag: download.tag.as_deref(),
             application: download.application.as_deref(),
             filtered_query_params: &filtered,
-            revision: None,
+            revision: revision_of(download, &url).as_deref(),
             content_for_calculating_task_id: download.content_for_calculating_task_id.as_deref(),
             enable_task_id_based_blob_digest: download.enable_task_id_based_blob_digest,
         })
@@ -192,6 +375,7 @@ impl TaskManager {
             priority: download.priority,
             need_piece_content: download.need_piece_content,
             download: download.clone(),
+            credentials: credentials_of(download),
         })
     }
 
@@ -230,12 +414,21 @@ impl TaskManager {
 
     /// A completed run built from storage when the task is finished there.
     pub async fn finished_run(&self, task_id: &str) -> Result<Option<Arc<TaskRun>>, TaskError> {
-        let Some(mut meta) = self.storage.task(task_id).await? else {
+        let Some(meta) = self.storage.task(task_id).await? else {
             return Ok(None);
         };
         if !meta.is_finished() || !self.storage.content_path(task_id)?.exists() {
             return Ok(None);
         }
+        // A task from before a restart is served only once its bytes match its CRCs.
+        let bad = self.storage.verify_task(task_id).await?;
+        if !bad.is_empty() {
+            warn!(task_id, pieces = ?bad, "stored pieces lost their bytes; downloading them again");
+            return Ok(None);
+        }
+        let Some(mut meta) = self.storage.task(task_id).await? else {
+            return Ok(None);
+        };
         let pieces = self.storage.pieces(task_id).await?;
         let expected =
             d7y_types::PieceLayout::new(meta.content_length.unwrap_or_default(), meta.piece_length)
@@ -259,8 +452,11 @@ impl TaskManager {
         let _lease = self.storage.lease(&plan.task_id);
         let started = tokio::time::Instant::now();
         let result = match &self.schedulers {
-            Some(schedulers) => p2p::download(&self, &run, &plan, schedulers).await,
-            None => source::download(&self, &run, &plan).await,
+            // A manager may have handed out no scheduler (yet): that is standalone.
+            Some(schedulers) if !schedulers.is_empty() => {
+                p2p::download(&self, &run, &plan, schedulers).await
+            }
+            _ => source::download(&self, &run, &plan).await,
         };
         {
             let mut running = self.running.lock().expect("running lock");
@@ -286,7 +482,43 @@ impl TaskManager {
     }
 
     /// Marks a task finished in storage.
-    pub(crate) async fn mark_finished(&self, mut meta: TaskMeta) -> Result<(), TaskError> {
+    /// Records a task as finished, after checking its content against every digest known
+    /// for it (an OCI blob's digest in its URL, the digest the request named). Content that
+    /// does not match is deleted and the download fails: it never counts as finished and is
+    /// never served again.
+    pub(crate) async fn mark_finished(
+        &self,
+        plan: &DownloadPlan,
+        mut meta: TaskMeta,
+    ) -> Result<(), TaskError> {
+        for expected in plan.content_digests() {
+            let path = self.storage.content_path(&plan.task_id)?;
+            let check = expected.clone();
+            let actual = tokio::task::spawn_blocking(move || output::file_digest(&path, &check))
+                .await
+                .map_err(|e| TaskError::Internal(e.to_string()))?
+                .map_err(|e| {
+                    TaskError::Internal(format!("reading the content to verify it: {e}"))
+                })?;
+            if actual != expected {
+                warn!(
+                    task_id = plan.task_id,
+                    url = %plan.url,
+                    %expected,
+                    %actual,
+                    "content does not match its digest; deleting it"
+                );
+                self.storage.delete_task(&plan.task_id).await?;
+                if let Some(schedulers) = &self.schedulers {
+                    let _ = schedulers.forget_task(&plan.task_id).await;
+                }
+                return Err(TaskError::DigestMismatch {
+                    url: plan.url.to_string(),
+                    expected: expected.to_string(),
+                    actual: actual.to_string(),
+                });
+            }
+        }
         meta.finished_at = Some(now_secs());
         meta.accessed_at = now_secs();
         self.storage.put_task(meta).await?;

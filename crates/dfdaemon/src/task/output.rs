@@ -107,6 +107,10 @@ fn place_output_blocking(
                 return Err(out_err(format!("hard link failed: {link_err}")));
             }
             std::fs::copy(content, &tmp).map_err(|e| out_err(e.to_string()))?;
+            // A copy is new data: on disk before it takes the output's name.
+            std::fs::File::open(&tmp)
+                .and_then(|f| f.sync_data())
+                .map_err(|e| out_err(format!("sync: {e}")))?;
         }
         if let Some(expected) = digest {
             let actual = file_digest(&tmp, expected).map_err(|e| out_err(e.to_string()))?;
@@ -121,7 +125,11 @@ fn place_output_blocking(
         if !overwrite && output.exists() {
             return Err(TaskError::OutputExists(output.display().to_string()));
         }
-        std::fs::rename(&tmp, output).map_err(|e| out_err(e.to_string()))
+        std::fs::rename(&tmp, output).map_err(|e| out_err(e.to_string()))?;
+        // The rename itself is durable once the directory is synced.
+        std::fs::File::open(&parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| out_err(format!("sync of {}: {e}", parent.display())))
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);

@@ -51,7 +51,16 @@ const REFRESH_INTERVAL: Duration = Duration::from_millis(500);
 /// With the scheduler gone and nothing obtainable from the parents for this long, the rest
 /// comes from the origin.
 const ORPHAN_STALL: Duration = Duration::from_secs(3);
+/// With the scheduler there and no byte arriving from the parents for this long, the
+/// parents are reported as failing and new ones asked for (a parent that announces pieces
+/// it never sends, or stops answering, must not hold the download).
+const PARENT_STALL: Duration = Duration::from_secs(15);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A fetch whose parent sends nothing for this long is abandoned and its piece asked for
+/// again: a flow stuck in TCP back-off on a crowded link, or a parent that froze. A relay
+/// passes each write on as it arrives, so even a chain of relays is never silent this
+/// long while its head is making progress.
+const FETCH_SILENCE: Duration = Duration::from_secs(8);
 /// How long a finished download waits for the scheduler to close the announce stream (so
 /// the last events reach it) before dropping it.
 const ANNOUNCE_DRAIN: Duration = Duration::from_secs(2);
@@ -64,6 +73,12 @@ fn bypasses_scheduler(plan: &DownloadPlan, content_length: Option<u64>) -> bool 
         && content_length.is_some_and(|len| len <= MIN_PIECE_LENGTH)
 }
 
+/// Whether the task is an OCI blob named by its digest (its content is verified against
+/// the digest before it counts as finished).
+fn is_digest_task(plan: &DownloadPlan) -> bool {
+    d7y_types::id::blob_digest_encoded(&plan.download.url).is_some_and(|hex| hex == plan.task_id)
+}
+
 /// Downloads a task with the help of the schedulers.
 pub(super) async fn download(
     mgr: &TaskManager,
@@ -71,9 +86,21 @@ pub(super) async fn download(
     plan: &DownloadPlan,
     schedulers: &Schedulers,
 ) -> Result<(), TaskError> {
+    // An OCI blob the swarm already holds needs nothing from its registry: its bytes are
+    // checked against the digest in its URL before the task counts as finished, so the
+    // scheduler's word for its length is enough (a preheated image is then served with no
+    // request to the registry at all).
+    let known = if is_digest_task(plan) {
+        schedulers
+            .stat_task(&plan.task_id)
+            .await
+            .filter(|t| t.has_available_peer && t.content_length > MIN_PIECE_LENGTH)
+    } else {
+        None
+    };
     // The origin tells the length (and whether it takes ranges); without it the parents'
     // view of the task does. An origin that answers with an HTTP error is final.
-    let probe = if plan.disable_back_to_source {
+    let probe = if plan.disable_back_to_source || known.is_some() {
         None
     } else {
         match source::probe(mgr, plan).await {
@@ -85,7 +112,10 @@ pub(super) async fn download(
             Err(e) => return Err(e),
         }
     };
-    let content_length = probe.as_ref().and_then(|p| p.stat.content_length);
+    let content_length = probe
+        .as_ref()
+        .and_then(|p| p.stat.content_length)
+        .or(known.as_ref().map(|t| t.content_length));
     let probe = match probe {
         // Unknown length (cannot be laid out in pieces for peers) or a small file.
         Some(p) if content_length.is_none() || bypasses_scheduler(plan, content_length) => {
@@ -98,7 +128,11 @@ pub(super) async fn download(
     let piece_length =
         content_length.map(|len| plan.piece_length.unwrap_or_else(|| piece_length_for(len)));
     let mut register = plan.download.clone();
+    // Where the output goes is this host's business, not the swarm's.
     register.output_path = None;
+    register.overwrite = false;
+    register.force_hard_link = false;
+    register.need_piece_content = false;
     register.actual_content_length = content_length;
     register.actual_piece_length = piece_length;
     register.actual_piece_count = content_length
@@ -182,7 +216,7 @@ async fn scheduled(
                     announce.send(Event::DownloadPeerFinishedRequest(
                         DownloadPeerFinishedRequest {},
                     ));
-                    mgr.mark_finished(prepared.meta).await
+                    mgr.mark_finished(plan, prepared.meta).await
                 }
                 Err(EngineExit::BackToSource { reason, report }) => {
                     drop(engine);
@@ -190,7 +224,7 @@ async fn scheduled(
                     let probe = probe_again(mgr, plan, probe).await?;
                     let scheduler = report.then_some(announce);
                     source_rest(mgr, run, plan, scheduler, &mut prepared, probe).await?;
-                    mgr.mark_finished(prepared.meta).await
+                    mgr.mark_finished(plan, prepared.meta).await
                 }
                 Err(EngineExit::Failed(e)) => {
                     announce.send(Event::DownloadPeerFailedRequest(
@@ -220,7 +254,7 @@ async fn scheduled(
             announce.send(Event::DownloadPeerFinishedRequest(
                 DownloadPeerFinishedRequest {},
             ));
-            mgr.mark_finished(prepared.meta).await
+            mgr.mark_finished(plan, prepared.meta).await
         }
         Some(Reply::MetadataOnlyResponse(_)) | None => {
             // The scheduler is gone or answered nonsense: do the download alone.
@@ -271,7 +305,7 @@ async fn from_source(
     let mut prepared =
         source::prepare(mgr, run, plan, content_length, probe.stat.headers.clone()).await?;
     source_rest(mgr, run, plan, announce, &mut prepared, probe).await?;
-    mgr.mark_finished(prepared.meta).await
+    mgr.mark_finished(plan, prepared.meta).await
 }
 
 /// Fetches the missing pieces from the origin, forwarding each to the scheduler.
@@ -394,6 +428,8 @@ struct Parent {
     available: HashSet<u32>,
     inflight: usize,
     failures: u32,
+    /// Stalls in a row ([`PARENT_STALL`] without a piece while it had fetches in flight).
+    stalls: u32,
     sync_done: bool,
     idle_bps: u64,
     pool: Arc<Mutex<Vec<d7y_vortex::Client>>>,
@@ -434,6 +470,16 @@ struct Engine<'a> {
     next_generation: u64,
     last_progress: Instant,
     fetches: FuturesUnordered<Fetch<'a>>,
+    /// Piece digests from the task's first verified source (the seed peer, through the
+    /// scheduler): what a parent serves is checked against these, not only against the
+    /// digest the parent itself claims.
+    authority: HashMap<u32, Digest>,
+    /// Abandons a piece's fetch (its parent stalled).
+    aborts: HashMap<u32, futures_util::future::AbortHandle>,
+    /// Bytes received by the fetches: a stall is a time without any, not without a whole
+    /// piece (on a crowded link a piece may take long while bytes keep coming).
+    received: Arc<std::sync::atomic::AtomicU64>,
+    received_seen: u64,
 }
 
 impl<'a> Engine<'a> {
@@ -479,11 +525,75 @@ impl<'a> Engine<'a> {
             next_generation: 0,
             last_progress: Instant::now(),
             fetches: FuturesUnordered::new(),
+            authority: HashMap::new(),
+            aborts: HashMap::new(),
+            received: Arc::default(),
+            received_seen: 0,
+        }
+    }
+
+    /// Learns the authoritative digests the scheduler sent with a parent set. A piece
+    /// already here under another digest came from a lying parent: it is fetched again,
+    /// and the parent it came from is reported and dropped.
+    fn learn_digests(&mut self, peers: &[Peer]) {
+        let count = self.layout.piece_count();
+        let mut learnt = Vec::new();
+        for piece in peers
+            .iter()
+            .filter_map(|p| p.task.as_ref())
+            .flat_map(|t| t.pieces.iter())
+        {
+            if piece.number >= count {
+                continue;
+            }
+            let Ok(digest) = piece.digest.parse::<Digest>() else {
+                continue;
+            };
+            if self.authority.insert(piece.number, digest).is_none() {
+                learnt.push(piece.number);
+            }
+        }
+        if learnt.is_empty() {
+            return;
+        }
+        let held = self.run.state().pieces;
+        for number in learnt {
+            if !self.have[number as usize] {
+                continue;
+            }
+            let Some(stored) = held.iter().rev().find(|p| p.number == number) else {
+                continue;
+            };
+            let expected = &self.authority[&number];
+            if stored.digest == expected.to_string() {
+                continue;
+            }
+            warn!(
+                task_id = self.plan.task_id,
+                number,
+                stored = stored.digest,
+                expected = %expected,
+                parent = stored.parent_id.as_deref().unwrap_or(""),
+                "a stored piece contradicts the seed peer's digest; fetching it again"
+            );
+            self.have[number as usize] = false;
+            self.remaining += 1;
+            if let Some(parent) = stored.parent_id.clone() {
+                self.announce.send(Event::DownloadPieceFailedRequest(
+                    DownloadPieceFailedRequest {
+                        piece_number: Some(number),
+                        parent_id: parent.clone(),
+                        temporary: false,
+                    },
+                ));
+                self.drop_parent(&parent, "served a piece the seed peer contradicts");
+            }
         }
     }
 
     /// Replaces the parent set with the scheduler's latest answer.
     fn set_parents(&mut self, peers: Vec<Peer>) {
+        self.learn_digests(&peers);
         let wanted: HashSet<String> = peers.iter().map(|p| p.id.clone()).collect();
         // Parents left out are retired, not forgotten: what they hold only grows, and their
         // connections stay warm, so a parent handed back a moment later (edge reversals make
@@ -518,8 +628,8 @@ impl<'a> Engine<'a> {
                 .filter(|_| host.download_port > 0)
                 .map(|ip| SocketAddr::new(ip, host.download_port as u16));
             let upload = match ip {
-                Some(std::net::IpAddr::V6(ip)) => format!("http://[{ip}]:{}", host.port),
-                _ => format!("http://{}:{}", host.ip, host.port),
+                Some(std::net::IpAddr::V6(ip)) => format!("[{ip}]:{}", host.port),
+                _ => format!("{}:{}", host.ip, host.port),
             };
             self.next_generation += 1;
             let generation = self.next_generation;
@@ -530,6 +640,7 @@ impl<'a> Engine<'a> {
             let tasks = vec![
                 tokio::spawn(sync_pieces(
                     upload.clone(),
+                    self.mgr.peer_channel_options(),
                     self.host_id.clone(),
                     self.plan.task_id.clone(),
                     (peer.id.clone(), generation),
@@ -538,6 +649,7 @@ impl<'a> Engine<'a> {
                 )),
                 tokio::spawn(sync_host(
                     upload,
+                    self.mgr.peer_channel_options(),
                     self.host_id.clone(),
                     (peer.id.clone(), generation),
                     self.events_tx.clone(),
@@ -558,6 +670,7 @@ impl<'a> Engine<'a> {
                     available: HashSet::new(),
                     inflight: 0,
                     failures: 0,
+                    stalls: 0,
                     sync_done: false,
                     idle_bps: 0,
                     pool: Arc::default(),
@@ -650,7 +763,13 @@ impl<'a> Engine<'a> {
         } else {
             from_peers.1
         };
-        let number = *best.choose(rng)?;
+        // A reader streaming the content in order waits for one piece: it goes first, on
+        // the same terms (from a normal parent, or from the seed when no peer has it).
+        let wanted = self.run.wanted().filter(|n| self.demand_ok(*n, &usable));
+        let number = match wanted {
+            Some(n) => n,
+            None => *best.choose(rng)?,
+        };
         let holders: Vec<&Parent> = self
             .parents
             .values()
@@ -671,6 +790,17 @@ impl<'a> Engine<'a> {
             x -= w;
         }
         pool.last().map(|p| (number, p.id.clone()))
+    }
+
+    /// Whether piece `n` may be fetched now: missing, not in flight, and held by a usable
+    /// normal parent, or by a usable seed when no normal parent holds it.
+    fn demand_ok(&self, n: u32, usable: &impl Fn(&Parent) -> bool) -> bool {
+        if self.have.get(n as usize) != Some(&false) || self.inflight.contains_key(&n) {
+            return false;
+        }
+        let holders = || self.parents.values().filter(|p| p.available.contains(&n));
+        holders().any(|p| !p.is_seed && usable(p))
+            || (!holders().any(|p| !p.is_seed) && holders().any(|p| p.is_seed && usable(p)))
     }
 
     fn dispatch(&mut self) {
@@ -694,9 +824,20 @@ impl<'a> Engine<'a> {
                 parent_id.clone(),
                 addr,
                 pool,
+                self.authority.get(&number).cloned(),
+                self.received.clone(),
             );
-            self.fetches
-                .push(async move { (number, parent_id, fut.await) }.boxed());
+            let (fut, abort) = futures_util::future::abortable(fut);
+            self.aborts.insert(number, abort);
+            self.fetches.push(
+                async move {
+                    let result = fut.await.unwrap_or_else(|_| {
+                        Err(FetchError::Transfer("abandoned: the parent stalled".into()))
+                    });
+                    (number, parent_id, result)
+                }
+                .boxed(),
+            );
         }
     }
 
@@ -787,6 +928,14 @@ impl<'a> Engine<'a> {
                     }));
                 }
                 _ = stall_check.tick() => {
+                    let received = self.received.load(std::sync::atomic::Ordering::Relaxed);
+                    if received != self.received_seen {
+                        self.received_seen = received;
+                        self.last_progress = Instant::now();
+                    }
+                    if self.scheduler_alive && self.remaining > 0 && self.last_progress.elapsed() > PARENT_STALL {
+                        self.parents_stalled();
+                    }
                     if !self.scheduler_alive && self.stuck() && self.last_progress.elapsed() > ORPHAN_STALL {
                         if self.plan.disable_back_to_source {
                             return Err(EngineExit::Failed(TaskError::SchedulerUnavailable(
@@ -801,6 +950,53 @@ impl<'a> Engine<'a> {
                 }
             }
         }
+    }
+
+    /// Nothing arrived for [`PARENT_STALL`]. With fetches in flight (a parent that froze,
+    /// or a flow stuck in TCP back-off on a crowded link), they are abandoned and the
+    /// pieces asked for again on fresh connections, from any parent; a parent that stalls
+    /// twice in a row is dropped and reported. With nothing in flight (parents that
+    /// announce pieces they never send, or hold nothing needed), they are all dropped. In
+    /// both cases the scheduler is asked for others when a parent was dropped.
+    fn parents_stalled(&mut self) {
+        let busy: HashSet<String> = self.inflight.values().cloned().collect();
+        let stalled: Vec<String> = if busy.is_empty() {
+            self.parents.keys().cloned().collect()
+        } else {
+            busy.iter()
+                .filter(|id| {
+                    self.parents.get_mut(*id).is_some_and(|p| {
+                        p.stalls += 1;
+                        p.stalls >= 2
+                    })
+                })
+                .cloned()
+                .collect()
+        };
+        warn!(
+            task_id = self.plan.task_id,
+            parents = self.parents.len(),
+            in_flight = self.inflight.len(),
+            dropped = stalled.len(),
+            stalled_for = ?self.last_progress.elapsed(),
+            "no piece from the parents; asking again"
+        );
+        for id in &stalled {
+            self.drop_parent(id, "stalled");
+        }
+        // The stuck fetches end as failures, and their pieces are fetched again.
+        for (number, parent) in &self.inflight {
+            if busy.contains(parent) {
+                if let Some(handle) = self.aborts.get(number) {
+                    handle.abort();
+                }
+            }
+        }
+        if !stalled.is_empty() {
+            self.waiting_for_parents = false;
+            self.reschedule("parents stalled");
+        }
+        self.last_progress = Instant::now();
     }
 
     fn scheduler_lost(&mut self, why: &str) {
@@ -851,6 +1047,7 @@ impl<'a> Engine<'a> {
         result: Result<PieceMeta, FetchError>,
     ) -> Result<(), TaskError> {
         self.inflight.remove(&number);
+        self.aborts.remove(&number);
         if let Some(p) = self
             .parents
             .get_mut(parent_id)
@@ -867,6 +1064,7 @@ impl<'a> Engine<'a> {
                 self.last_progress = Instant::now();
                 if let Some(p) = self.parents.get_mut(parent_id) {
                     p.failures = 0;
+                    p.stalls = 0;
                 }
                 self.announce.send(Event::DownloadPieceFinishedRequest(
                     DownloadPieceFinishedRequest {
@@ -922,6 +1120,7 @@ impl<'a> Engine<'a> {
 /// Streams a parent's pieces as they become available there.
 async fn sync_pieces(
     upload: String,
+    options: d7y_net::ChannelOptions,
     host_id: String,
     task_id: String,
     (parent, generation): (String, u64),
@@ -929,10 +1128,7 @@ async fn sync_pieces(
     events: mpsc::Sender<ParentEvent>,
 ) {
     let result: Result<(), String> = async {
-        let channel = tonic::transport::Endpoint::from_shared(upload.clone())
-            .map_err(|e| e.to_string())?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .connect()
+        let channel = d7y_net::channel(&upload, &options)
             .await
             .map_err(|e| format!("connect {upload}: {e}"))?;
         let mut stream = DfdaemonUploadClient::new(channel)
@@ -983,14 +1179,12 @@ async fn sync_pieces(
 /// stays at its default).
 async fn sync_host(
     upload: String,
+    options: d7y_net::ChannelOptions,
     host_id: String,
     (parent, generation): (String, u64),
     events: mpsc::Sender<ParentEvent>,
 ) {
-    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(upload) else {
-        return;
-    };
-    let Ok(channel) = endpoint.connect_timeout(CONNECT_TIMEOUT).connect().await else {
+    let Ok(channel) = d7y_net::channel(&upload, &options).await else {
         return;
     };
     let Ok(response) = DfdaemonUploadClient::new(channel)
@@ -1034,6 +1228,8 @@ async fn fetch_piece(
     parent_id: String,
     addr: SocketAddr,
     pool: Arc<Mutex<Vec<d7y_vortex::Client>>>,
+    authority: Option<Digest>,
+    received: Arc<std::sync::atomic::AtomicU64>,
 ) -> Result<PieceMeta, FetchError> {
     let started = Instant::now();
     let timeout = mgr.config.download.piece_timeout;
@@ -1042,18 +1238,28 @@ async fn fetch_piece(
     let pooled = pool.lock().expect("pool").pop();
     let mut client = match pooled {
         Some(c) => c,
-        None => d7y_vortex::Client::connect(addr, CONNECT_TIMEOUT)
-            .await
-            .map_err(|e| transfer(e.to_string()))?,
+        None => {
+            d7y_vortex::Client::connect_with(addr, None, CONNECT_TIMEOUT, mgr.peer_tls.as_deref())
+                .await
+                .map_err(|e| transfer(e.to_string()))?
+        }
+    };
+    let silent = || {
+        transfer(format!(
+            "no bytes of piece {number} from the parent for {FETCH_SILENCE:?}"
+        ))
     };
     let work = async {
-        let meta = client.request_piece(&task_id, number).await.map_err(|e| {
-            if e.is_not_found() {
-                FetchError::NotFound
-            } else {
-                transfer(e.to_string())
-            }
-        })?;
+        let meta = tokio::time::timeout(FETCH_SILENCE, client.request_piece(&task_id, number))
+            .await
+            .map_err(|_| silent())?
+            .map_err(|e| {
+                if e.is_not_found() {
+                    FetchError::NotFound
+                } else {
+                    transfer(e.to_string())
+                }
+            })?;
         if meta.number != number || meta.offset != offset || meta.length != length {
             return Err(FetchError::Corrupt {
                 number,
@@ -1062,12 +1268,25 @@ async fn fetch_piece(
                 actual: format!("piece {} at {}+{}", meta.number, meta.offset, meta.length),
             });
         }
-        let expected: Digest = meta.digest.parse().map_err(|_| FetchError::Corrupt {
+        let claimed: Digest = meta.digest.parse().map_err(|_| FetchError::Corrupt {
             number,
             parent: parent_id.clone(),
             expected: "a crc32 digest".into(),
             actual: meta.digest.clone(),
         })?;
+        // A parent that claims another digest than the seed's is serving other bytes:
+        // refused before a byte is read (the connection is dropped with the error).
+        if let Some(authority) = &authority {
+            if *authority != claimed {
+                return Err(FetchError::Corrupt {
+                    number,
+                    parent: parent_id.clone(),
+                    expected: format!("{authority} (the seed peer's)"),
+                    actual: format!("{claimed} (claimed by the parent)"),
+                });
+            }
+        }
+        let expected = authority.unwrap_or(claimed);
         // From here the piece can be relayed to children while it arrives.
         let flight = mgr.flights.begin(
             &task_id,
@@ -1086,9 +1305,14 @@ async fn fetch_piece(
             PieceSink::new(&writer, &limits, offset, length, write_buffer_size).relaying(&flight);
         let mut reader = client.content(length);
         loop {
-            match sink.read_from(&mut reader).await {
+            let read = tokio::time::timeout(FETCH_SILENCE, sink.read_from(&mut reader))
+                .await
+                .map_err(|_| silent())?;
+            match read {
                 Ok(0) => break,
-                Ok(_) => {}
+                Ok(n) => {
+                    received.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                }
                 Err(ReadError::Io(e)) => return Err(transfer(e.to_string())),
                 Err(ReadError::Storage(e)) => return Err(e.into()),
             }

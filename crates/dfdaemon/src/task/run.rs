@@ -2,6 +2,7 @@
 
 use crate::error::TaskError;
 use d7y_storage::{PieceMeta, TaskMeta};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -31,13 +32,19 @@ impl RunState {
 pub struct TaskRun {
     pub task_id: String,
     state: watch::Sender<RunState>,
+    /// The piece a reader streaming the content in order waits for ([`NO_PIECE`]: none):
+    /// the download fetches it first when a parent has it.
+    wanted: AtomicU32,
 }
+
+const NO_PIECE: u32 = u32::MAX;
 
 impl TaskRun {
     pub(crate) fn new(task_id: String) -> TaskRun {
         TaskRun {
             task_id,
             state: watch::Sender::new(RunState::default()),
+            wanted: AtomicU32::new(NO_PIECE),
         }
     }
 
@@ -55,7 +62,18 @@ impl TaskRun {
                 arriving: Arc::default(),
                 outcome: Some(Ok(())),
             }),
+            wanted: AtomicU32::new(NO_PIECE),
         }
+    }
+
+    /// Says that a reader waits for piece `number` (the most recent reader wins).
+    pub fn want(&self, number: u32) {
+        self.wanted.store(number, Ordering::Relaxed);
+    }
+
+    /// The piece a reader waits for, if any.
+    pub fn wanted(&self) -> Option<u32> {
+        Some(self.wanted.load(Ordering::Relaxed)).filter(|&n| n != NO_PIECE)
     }
 
     pub fn state(&self) -> RunState {

@@ -38,15 +38,12 @@ pub(super) async fn download(
     )
     .await?;
     transfer(mgr, run, plan, &mut prepared, probe).await?;
-    mgr.mark_finished(prepared.meta).await
+    mgr.mark_finished(plan, prepared.meta).await
 }
 
 /// Asks the origin for the length and Range support (a one-byte ranged GET).
 pub(super) async fn probe(mgr: &TaskManager, plan: &DownloadPlan) -> Result<Probe, TaskError> {
-    let request = SourceRequest {
-        url: plan.url.clone(),
-        headers: plan.headers.clone(),
-    };
+    let request = plan.source_request();
     let scheme = plan.url.scheme().to_string();
     mgr.metrics
         .backend_request_total
@@ -90,6 +87,8 @@ pub(super) async fn prepare(
     let task_id = &plan.task_id;
     let storage = &mgr.storage;
     let previous = storage.task(task_id).await?;
+    // Pieces left by an earlier run are checked once (a crash may have lost their bytes).
+    storage.verify_task(task_id).await?;
     let mut existing = storage.pieces(task_id).await?;
     if let Some(prev) = &previous {
         if prev.content_length != content_length || prev.piece_length != Some(piece_length) {
@@ -146,10 +145,7 @@ pub(super) async fn transfer(
     prepared: &mut Prepared,
     probe: Probe,
 ) -> Result<(), TaskError> {
-    let request = SourceRequest {
-        url: plan.url.clone(),
-        headers: plan.headers.clone(),
-    };
+    let request = plan.source_request();
     let have: HashSet<u32> = run.state().pieces.iter().map(|p| p.number).collect();
     let ctx = Ctx {
         mgr,
@@ -168,10 +164,7 @@ pub(super) async fn transfer(
             len
         }
         _ => {
-            let first = probe
-                .full_body
-                .map(|body| d7y_backend::http_body_stream(plan.url.to_string(), body));
-            ctx.streamed(first, piece_length, content_length, have)
+            ctx.streamed(probe.full_body, piece_length, content_length, have)
                 .await?
         }
     };
