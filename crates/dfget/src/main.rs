@@ -22,6 +22,9 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
+mod recursive;
+mod source;
+
 const DEFAULT_ENDPOINT: &str = "/var/run/dragonfly/dfdaemon.sock";
 
 #[derive(Debug, Parser)]
@@ -32,7 +35,7 @@ const DEFAULT_ENDPOINT: &str = "/var/run/dragonfly/dfdaemon.sock";
     after_help = "Exit codes: 0 ok, 1 other error, 2 invalid argument, 3 no dfdaemon, 4 origin error, \
                   5 digest mismatch, 6 output not writable or exists, 7 timeout"
 )]
-struct Args {
+pub(crate) struct Args {
     /// The URL to download.
     url: String,
 
@@ -88,9 +91,41 @@ struct Args {
     #[arg(long = "content-for-calculating-task-id")]
     content_for_calculating_task_id: Option<String>,
 
+    /// Derive an OCI blob URL's (`/v2/<name>/blobs/sha256:<hex>`) task ID from its URL, as
+    /// upstream's dfget does, instead of from its digest (what the proxy and preheat jobs
+    /// use, so a blob pulled or preheated once is shared whatever registry or tag it came
+    /// through).
+    #[arg(long = "disable-task-id-based-blob-digest")]
+    disable_task_id_based_blob_digest: bool,
+
     /// Do not show a progress bar.
     #[arg(long, env = "DFGET_NO_PROGRESS")]
     no_progress: bool,
+
+    /// Download a directory into -O (which becomes a directory): an object store prefix, an
+    /// HDFS directory, or a model hub repo (or a directory in it), one task per file.
+    #[arg(short = 'r', long)]
+    recursive: bool,
+
+    /// With -r: only files whose path below the URL matches one of these globs
+    /// (`*.safetensors`, `tokenizer/**`). Repeatable.
+    #[arg(short = 'I', long = "include-files")]
+    include_files: Vec<String>,
+
+    /// With -r: skip files whose path below the URL matches one of these globs. Repeatable.
+    #[arg(long = "exclude-files")]
+    exclude_files: Vec<String>,
+
+    /// With -r: the most files to download; a larger directory is refused.
+    #[arg(long, default_value_t = 100)]
+    max_files: usize,
+
+    /// With -r: files downloaded at once.
+    #[arg(long, default_value_t = 5)]
+    max_concurrent_requests: usize,
+
+    #[command(flatten)]
+    source: source::SourceArgs,
 
     /// The dfdaemon unix socket.
     #[arg(short = 'e', long, default_value = DEFAULT_ENDPOINT, env = "DFGET_ENDPOINT")]
@@ -108,24 +143,24 @@ struct Args {
 /// A failure with the exit code it maps to.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
-struct Failure {
-    code: u8,
-    message: String,
+pub(crate) struct Failure {
+    pub code: u8,
+    pub message: String,
 }
 
-fn fail(code: u8, message: impl Into<String>) -> Failure {
+pub(crate) fn fail(code: u8, message: impl Into<String>) -> Failure {
     Failure {
         code,
         message: message.into(),
     }
 }
 
-const EXIT_OTHER: u8 = 1;
-const EXIT_INVALID: u8 = 2;
+pub(crate) const EXIT_OTHER: u8 = 1;
+pub(crate) const EXIT_INVALID: u8 = 2;
 const EXIT_NO_DAEMON: u8 = 3;
 const EXIT_ORIGIN: u8 = 4;
 const EXIT_DIGEST: u8 = 5;
-const EXIT_OUTPUT: u8 = 6;
+pub(crate) const EXIT_OUTPUT: u8 = 6;
 const EXIT_TIMEOUT: u8 = 7;
 
 fn status_exit_code(code: Code) -> u8 {
@@ -143,12 +178,13 @@ fn status_exit_code(code: Code) -> u8 {
 fn build_download(args: &Args) -> Result<(Download, PathBuf), Failure> {
     let url = url::Url::parse(&args.url)
         .map_err(|e| fail(EXIT_INVALID, format!("invalid URL {:?}: {e}", args.url)))?;
-    if !matches!(url.scheme(), "http" | "https") {
+    if !source::SCHEMES.contains(&url.scheme()) {
         return Err(fail(
             EXIT_INVALID,
             format!(
-                "unsupported URL scheme {:?}: only http and https are supported",
-                url.scheme()
+                "unsupported URL scheme {:?}: supported are {}",
+                url.scheme(),
+                source::SCHEMES.join(", ")
             ),
         ));
     }
@@ -185,7 +221,9 @@ fn build_download(args: &Args) -> Result<(Download, PathBuf), Failure> {
         headers.insert(name.to_string(), value.trim().to_string());
     }
     let output = absolute(&args.output)?;
-    check_output(&output, args.overwrite)?;
+    if !args.recursive {
+        check_output(&output, args.overwrite)?;
+    }
     let download = Download {
         url: args.url.clone(),
         digest: args.digest.clone(),
@@ -205,8 +243,10 @@ fn build_download(args: &Args) -> Result<(Download, PathBuf), Failure> {
         force_hard_link: args.force_hard_link,
         overwrite: args.overwrite,
         content_for_calculating_task_id: args.content_for_calculating_task_id.clone(),
+        enable_task_id_based_blob_digest: !args.disable_task_id_based_blob_digest,
         ..Default::default()
     };
+    let download = args.source.attach(&url, download);
     Ok((download, output))
 }
 
@@ -300,7 +340,7 @@ async fn connect(endpoint: &Path) -> Result<DfdaemonDownloadClient<Channel>, Fai
         .max_encoding_message_size(usize::MAX))
 }
 
-fn progress_bar(args: &Args) -> ProgressBar {
+pub(crate) fn progress_bar(args: &Args) -> ProgressBar {
     if args.no_progress || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
@@ -315,16 +355,41 @@ fn progress_bar(args: &Args) -> ProgressBar {
     bar
 }
 
-async fn run(args: Args) -> Result<(), Failure> {
-    let (download, output) = build_download(&args)?;
-    let mut client = connect(&args.endpoint).await?;
-    let bar = progress_bar(&args);
-    let status_failure = |status: tonic::Status| {
-        fail(
-            status_exit_code(status.code()),
-            status.message().to_string(),
-        )
-    };
+/// Where a download's bytes came from, from its piece reports.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Traffic {
+    pub from_peers: u64,
+    pub from_origin: u64,
+    pub from_cache: u64,
+}
+
+impl Traffic {
+    pub fn total(&self) -> u64 {
+        self.from_peers + self.from_origin + self.from_cache
+    }
+
+    pub fn add(&mut self, other: Traffic) {
+        self.from_peers += other.from_peers;
+        self.from_origin += other.from_origin;
+        self.from_cache += other.from_cache;
+    }
+}
+
+pub(crate) fn status_failure(status: tonic::Status) -> Failure {
+    fail(
+        status_exit_code(status.code()),
+        status.message().to_string(),
+    )
+}
+
+/// One file: asks the daemon, follows its progress, and checks the file is in place.
+pub(crate) async fn download_one(
+    client: &mut DfdaemonDownloadClient<Channel>,
+    download: Download,
+    output: &Path,
+    bar: &ProgressBar,
+) -> Result<Traffic, Failure> {
+    use dragonfly_api::common::v2::TrafficType;
     let mut stream = client
         .download_task(DownloadTaskRequest {
             download: Some(download),
@@ -332,28 +397,32 @@ async fn run(args: Args) -> Result<(), Failure> {
         .await
         .map_err(status_failure)?
         .into_inner();
+    let mut traffic = Traffic::default();
     loop {
         match stream.message().await {
             Ok(Some(message)) => match message.response {
                 Some(Progress::DownloadTaskStartedResponse(started)) => {
-                    bar.set_length(started.content_length);
-                    bar.set_position(started.pieces.iter().map(|p| p.length).sum());
+                    bar.inc_length(started.content_length);
+                    let already: u64 = started.pieces.iter().map(|p| p.length).sum();
+                    traffic.from_cache += already;
+                    bar.inc(already);
                 }
                 Some(Progress::DownloadPieceFinishedResponse(finished)) => {
                     if let Some(piece) = finished.piece {
                         bar.inc(piece.length);
+                        match TrafficType::try_from(piece.traffic_type.unwrap_or_default()) {
+                            Ok(TrafficType::BackToSource) => traffic.from_origin += piece.length,
+                            Ok(TrafficType::LocalPeer) => traffic.from_cache += piece.length,
+                            _ => traffic.from_peers += piece.length,
+                        }
                     }
                 }
                 None => {}
             },
             Ok(None) => break,
-            Err(status) => {
-                bar.abandon();
-                return Err(status_failure(status));
-            }
+            Err(status) => return Err(status_failure(status)),
         }
     }
-    bar.finish();
     if !output.exists() {
         return Err(fail(
             EXIT_OTHER,
@@ -363,7 +432,22 @@ async fn run(args: Args) -> Result<(), Failure> {
             ),
         ));
     }
-    Ok(())
+    Ok(traffic)
+}
+
+async fn run(args: Args) -> Result<(), Failure> {
+    let (download, output) = build_download(&args)?;
+    let mut client = connect(&args.endpoint).await?;
+    if args.recursive {
+        return recursive::run(&args, &mut client, download, &output).await;
+    }
+    let bar = progress_bar(&args);
+    let result = download_one(&mut client, download, &output, &bar).await;
+    match &result {
+        Ok(_) => bar.finish(),
+        Err(_) => bar.abandon(),
+    }
+    result.map(|_| ())
 }
 
 fn main() -> ExitCode {
