@@ -62,6 +62,16 @@ pub struct DaemonOptions {
     pub download_yaml: String,
     /// YAML appended verbatim.
     pub extra_yaml: String,
+    /// Lines (indented by four spaces) placed under `storage.server` (the piece server).
+    pub piece_server_yaml: String,
+    /// Lines (indented by two spaces) placed under `proxy:` (its `server` section is the
+    /// harness's: loopback and a free port).
+    pub proxy_yaml: String,
+    /// Lines (indented by four spaces) placed under `proxy.server`.
+    pub proxy_server_yaml: String,
+    /// Mutual TLS: the identity this daemon serves with (`upload.server`) and the one it
+    /// presents to peers and schedulers (`upload.client`, `scheduler`).
+    pub tls: Option<DaemonTls>,
     /// Scheduler addresses written to a dynconfig file passed with `--dynconfig`.
     pub schedulers: Vec<String>,
     /// Run as a seed peer.
@@ -70,6 +80,32 @@ pub struct DaemonOptions {
     pub ip: Option<String>,
     /// Run inside this network namespace (`ip netns exec`).
     pub netns: Option<String>,
+    /// The manager's gRPC address (`manager.addr`): schedulers come from it (refreshed
+    /// every second), and a seed peer registers and keeps alive every second.
+    pub manager: Option<String>,
+    /// Environment variables of the process (e.g. cloud credentials).
+    pub env: Vec<(String, String)>,
+}
+
+/// PEM files of a daemon's TLS identities.
+#[derive(Debug, Clone)]
+pub struct DaemonTls {
+    pub ca_cert: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl DaemonTls {
+    fn yaml(ca: &Path, cert: &Path, key: &Path, indent: &str) -> String {
+        format!(
+            "{indent}caCert: {}\n{indent}cert: {}\n{indent}key: {}\n",
+            ca.display(),
+            cert.display(),
+            key.display()
+        )
+    }
 }
 
 /// A running dfdaemon; killed when dropped.
@@ -84,6 +120,9 @@ pub struct Daemon {
     pub upload_port: u16,
     pub metrics_port: u16,
     pub health_port: u16,
+    /// The proxy and registry mirror, on 127.0.0.1 (in the daemon's namespace).
+    pub proxy_port: u16,
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -124,7 +163,18 @@ impl Daemon {
         let download_yaml = options.download_yaml.as_str();
         let mut extra = options.extra_yaml.clone();
         if options.seed {
-            extra.push_str("seedPeer:\n  enable: true\n  type: super\n");
+            extra.push_str("seedPeer:\n  enable: true\n  type: super\n  keepaliveInterval: 1s\n");
+        }
+        if let Some(manager) = &options.manager {
+            // With TLS, the daemon presents its client identity to the manager too.
+            let tls = options
+                .tls
+                .as_ref()
+                .map(|t| DaemonTls::yaml(&t.ca_cert, &t.client_cert, &t.client_key, "  "))
+                .unwrap_or_default();
+            extra.push_str(&format!(
+                "manager:\n  addr: {manager}\n{tls}dynconfig:\n  refreshInterval: 1s\n"
+            ));
         }
         let extra_yaml = extra.as_str();
         let hostname = options.hostname.as_deref().unwrap_or("test");
@@ -146,20 +196,46 @@ impl Daemon {
             Some(path)
         };
         let socket = dir.join("dfdaemon.sock");
-        let (piece_port, upload_port, metrics_port, health_port) =
-            (free_port(), free_port(), free_port(), free_port());
+        let (piece_port, upload_port, metrics_port, health_port, proxy_port) = (
+            free_port(),
+            free_port(),
+            free_port(),
+            free_port(),
+            free_port(),
+        );
         let config = dir.join("dfdaemon.yaml");
+        let (upload_tls, client_tls, scheduler_tls) = match &options.tls {
+            None => (String::new(), String::new(), String::new()),
+            Some(t) => (
+                DaemonTls::yaml(&t.ca_cert, &t.server_cert, &t.server_key, "    "),
+                format!(
+                    "  client:\n{}",
+                    DaemonTls::yaml(&t.ca_cert, &t.client_cert, &t.client_key, "    ")
+                ),
+                format!(
+                    "scheduler:\n{}",
+                    DaemonTls::yaml(&t.ca_cert, &t.client_cert, &t.client_key, "  ")
+                ),
+            ),
+        };
         std::fs::write(
             &config,
             format!(
                 "host:\n  ip: {ip}\n  hostname: {hostname}\n\
+                 server:\n  cacheDir: {cache}\n\
                  download:\n  server:\n    socketPath: {socket}\n{download_yaml}\
-                 upload:\n  server:\n    ip: {ip}\n    port: {upload_port}\n\
-                 storage:\n  dir: {data}\n  server:\n    ip: {ip}\n    tcpPort: {piece_port}\n\
+                 upload:\n  server:\n    ip: {ip}\n    port: {upload_port}\n{upload_tls}{client_tls}\
+                 storage:\n  dir: {data}\n  server:\n    ip: {ip}\n    tcpPort: {piece_port}\n{piece_server_yaml}\
                  metrics:\n  server:\n    ip: {ip}\n    port: {metrics_port}\n\
-                 health:\n  server:\n    ip: {ip}\n    port: {health_port}\n{extra_yaml}",
+                 health:\n  server:\n    ip: {ip}\n    port: {health_port}\n\
+                 proxy:\n  server:\n    ip: 127.0.0.1\n    port: {proxy_port}\n{proxy_server_yaml}{proxy_yaml}\
+                 {scheduler_tls}{extra_yaml}",
                 socket = socket.display(),
                 data = dir.join("data").display(),
+                cache = dir.join("cache").display(),
+                piece_server_yaml = options.piece_server_yaml,
+                proxy_yaml = options.proxy_yaml,
+                proxy_server_yaml = options.proxy_server_yaml,
             ),
         )?;
         let mut daemon = Daemon {
@@ -173,6 +249,8 @@ impl Daemon {
             upload_port,
             metrics_port,
             health_port,
+            proxy_port,
+            env: options.env.clone(),
             child: None,
         };
         daemon.restart()?;
@@ -193,12 +271,28 @@ impl Daemon {
             command.arg("--dynconfig").arg(dynconfig);
         }
         command.arg("--config").arg(&self.config);
+        command.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let child = spawn_until_ready("dfdaemon", command, &self.dir.join("dfdaemon.log"), || {
             std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
                 && std::net::TcpStream::connect((self.ip.as_str(), self.piece_port)).is_ok()
         })?;
         self.child = Some(child);
         Ok(())
+    }
+
+    /// The process ID, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends `signal` (e.g. `-STOP`, `-CONT`) to the process.
+    pub fn signal(&self, signal: &str) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill")
+                .arg(signal)
+                .arg(pid.to_string())
+                .status();
+        }
     }
 
     /// SIGKILLs the process (a crash, no cleanup).
@@ -273,10 +367,20 @@ impl Daemon {
             .expect("run dfget")
     }
 
+    /// This daemon's metrics page.
+    pub fn metrics(&self) -> String {
+        Daemon::http_get_at(&self.ip, self.metrics_port, "/metrics").unwrap_or_default()
+    }
+
     /// GETs a path from the metrics or health server (HTTP/1.0, whole body).
     pub fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
+        Daemon::http_get_at("127.0.0.1", port, path)
+    }
+
+    /// [`Daemon::http_get`] on another address.
+    pub fn http_get_at(ip: &str, port: u16, path: &str) -> anyhow::Result<String> {
         use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        let mut stream = std::net::TcpStream::connect((ip, port))?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
         let mut response = String::new();
@@ -333,6 +437,19 @@ impl Scheduler {
         seed_peers: &[(String, u16)],
         extra_yaml: &str,
     ) -> anyhow::Result<Scheduler> {
+        Scheduler::start_full(dir, ip, port, seed_peers, "", extra_yaml)
+    }
+
+    /// [`Scheduler::start_on`], with `server_yaml` (lines indented by two spaces) under
+    /// `server:` (e.g. `tls:`).
+    pub fn start_full(
+        dir: &Path,
+        ip: &str,
+        port: u16,
+        seed_peers: &[(String, u16)],
+        server_yaml: &str,
+        extra_yaml: &str,
+    ) -> anyhow::Result<Scheduler> {
         std::fs::create_dir_all(dir)?;
         let metrics_port = free_port();
         let seeds: String = seed_peers
@@ -343,7 +460,7 @@ impl Scheduler {
         std::fs::write(
             &config,
             format!(
-                "server:\n  listenIP: {ip}\n  port: {port}\n\
+                "server:\n  listenIP: {ip}\n  port: {port}\n  cacheDir: {cache}\n{server_yaml}\
                  metrics:\n  addr: 127.0.0.1:{metrics_port}\n\
                  seedPeers:\n{seeds}{extra_yaml}",
                 seeds = if seeds.is_empty() {
@@ -351,6 +468,7 @@ impl Scheduler {
                 } else {
                     seeds
                 },
+                cache = dir.join("cache").display(),
             ),
         )?;
         let mut s = Scheduler {
@@ -363,6 +481,32 @@ impl Scheduler {
         };
         s.restart()?;
         Ok(s)
+    }
+
+    /// A scheduler on 127.0.0.1 in the manager's cluster 1, keeping alive and refreshing
+    /// its config every second; its seed peers come from the manager. Its hostname is the
+    /// directory's name (the manager tells schedulers apart by hostname and address).
+    pub fn start_with_manager(
+        dir: &Path,
+        manager: &str,
+        extra_yaml: &str,
+    ) -> anyhow::Result<Scheduler> {
+        let yaml = format!(
+            "manager:\n  addr: {manager}\n  schedulerClusterID: 1\n  keepAlive:\n    interval: 1s\n\
+             dynconfig:\n  refreshInterval: 1s\n{extra_yaml}"
+        );
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "scheduler".into());
+        Scheduler::start_full(
+            dir,
+            "127.0.0.1",
+            free_port(),
+            &[],
+            &format!("  host: {name}\n"),
+            &yaml,
+        )
     }
 
     pub fn addr(&self) -> String {
@@ -407,7 +551,7 @@ impl Drop for Scheduler {
 
 /// Spawns `command` with debug logging appended to `log`, and waits up to 20 s until
 /// `ready()`; fails with the log when the process exits first or never becomes ready.
-fn spawn_until_ready(
+pub(crate) fn spawn_until_ready(
     what: &str,
     mut command: Command,
     log: &Path,

@@ -3,11 +3,17 @@
 //! real `dfdaemon` and `dfget` binaries on loopback with private ports and directories.
 
 mod daemon;
+pub mod hub;
+pub mod manager;
 mod origin;
 
 pub mod netns;
+pub mod rigs;
+pub mod stores;
 pub mod swarm;
-pub use daemon::{bin_path, free_port, Daemon, DaemonOptions, Scheduler};
+pub mod webhdfs;
+pub use daemon::{bin_path, free_port, Daemon, DaemonOptions, DaemonTls, Scheduler};
+pub use manager::Manager;
 pub use origin::{Origin, OriginOptions};
 pub use swarm::Swarm;
 

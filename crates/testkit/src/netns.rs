@@ -162,6 +162,18 @@ impl HostSwarm {
         peers: usize,
         scheduler_yaml: &str,
     ) -> anyhow::Result<HostSwarm> {
+        HostSwarm::start_with(hosts, dir, peers, scheduler_yaml, "")
+    }
+
+    /// [`HostSwarm::start`], with `proxy_yaml` (lines indented by two spaces) under every
+    /// daemon's `proxy:` section.
+    pub fn start_with(
+        hosts: &Hosts,
+        dir: &std::path::Path,
+        peers: usize,
+        scheduler_yaml: &str,
+        proxy_yaml: &str,
+    ) -> anyhow::Result<HostSwarm> {
         anyhow::ensure!(
             hosts.names.len() > peers,
             "{peers} peers need {} hosts, there are {}",
@@ -179,6 +191,7 @@ impl HostSwarm {
                     seed,
                     ip: Some(hosts.ip(i)),
                     netns: Some(hosts.names[i].clone()),
+                    proxy_yaml: proxy_yaml.to_string(),
                     ..Default::default()
                 },
             )

@@ -35,6 +35,9 @@ impl Default for OriginOptions {
 
 struct Shared {
     files: Mutex<HashMap<String, Bytes>>,
+    /// `/v2/...` paths answered with a 307 to `/files/<name>` under a fresh signature.
+    redirects: Mutex<HashMap<String, String>>,
+    signatures: AtomicU64,
     options: OriginOptions,
     bytes_served: AtomicU64,
     requests: AtomicU64,
@@ -58,6 +61,8 @@ impl Origin {
             .expect("origin runtime");
         let shared = Arc::new(Shared {
             files: Mutex::default(),
+            redirects: Mutex::default(),
+            signatures: AtomicU64::new(0),
             options,
             bytes_served: AtomicU64::new(0),
             requests: AtomicU64::new(0),
@@ -67,6 +72,8 @@ impl Origin {
             .route("/files/{name}", get(file))
             .route("/redirect/{name}", get(redirect))
             .route("/auth/{name}", get(auth_file))
+            .route("/encoded/{name}", get(encoded_file))
+            .route("/v2/{*rest}", get(registry_path))
             .with_state(shared.clone());
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind((
@@ -93,6 +100,39 @@ impl Origin {
         self.url(&format!("/files/{name}"))
     }
 
+    /// Publishes `data` at `/<path>` under `/v2/` (a registry-like path such as
+    /// `v2/<name>/blobs/sha256:<hex>`) and returns its URL.
+    pub fn put_at(&self, path: &str, data: Vec<u8>) -> String {
+        let path = path.trim_start_matches('/');
+        assert!(
+            path.starts_with("v2/"),
+            "put_at serves paths under /v2/ only"
+        );
+        self.shared
+            .files
+            .lock()
+            .unwrap()
+            .insert(path.to_string(), Bytes::from(data));
+        self.url(&format!("/{path}"))
+    }
+
+    /// Makes `/<path>` (under `/v2/`) answer with a 307 to `/files/<name>?X-Amz-Signature=<n>`,
+    /// a new signature each time, as registries that keep blobs in object storage do.
+    /// Returns the URL of `path`.
+    pub fn redirect_at(&self, path: &str, name: &str) -> String {
+        let path = path.trim_start_matches('/');
+        assert!(
+            path.starts_with("v2/"),
+            "redirect_at serves paths under /v2/ only"
+        );
+        self.shared
+            .redirects
+            .lock()
+            .unwrap()
+            .insert(path.to_string(), name.to_string());
+        self.url(&format!("/{path}"))
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
@@ -116,6 +156,28 @@ impl Origin {
     }
 }
 
+/// A file published with [`Origin::put_at`].
+async fn registry_path(
+    state: State<Arc<Shared>>,
+    Path(rest): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let path = format!("v2/{rest}");
+    let target = state.redirects.lock().unwrap().get(&path).cloned();
+    if let Some(name) = target {
+        let signature = state.signatures.fetch_add(1, Ordering::SeqCst);
+        return Response::builder()
+            .status(StatusCode::TEMPORARY_REDIRECT)
+            .header(
+                "location",
+                format!("/files/{name}?X-Amz-Expires=60&X-Amz-Signature={signature:016x}"),
+            )
+            .body(Body::empty())
+            .unwrap();
+    }
+    file(state, Path(path), headers).await
+}
+
 /// 302 to `/files/<name>`.
 async fn redirect(Path(name): Path<String>) -> Response {
     Response::builder()
@@ -131,6 +193,21 @@ async fn auth_file(state: State<Arc<Shared>>, path: Path<String>, headers: Heade
         return StatusCode::UNAUTHORIZED.into_response();
     }
     file(state, path, headers).await
+}
+
+/// `/files/<name>` sent as stored with `Content-Encoding: gzip`, whatever the client
+/// accepts (an origin that always compresses).
+async fn encoded_file(
+    state: State<Arc<Shared>>,
+    path: Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let mut response = file(state, path, headers).await;
+    response.headers_mut().insert(
+        "content-encoding",
+        axum::http::HeaderValue::from_static("gzip"),
+    );
+    response
 }
 
 async fn status(Path(code): Path<u16>) -> StatusCode {
@@ -204,7 +281,9 @@ async fn file(
     });
     let mut builder = Response::builder()
         .status(status)
-        .header("content-length", body_len.to_string());
+        .header("content-length", body_len.to_string())
+        .header("content-type", "application/octet-stream")
+        .header("etag", format!("\"{name}-{len}\""));
     if shared.options.range {
         builder = builder.header("accept-ranges", "bytes");
     }

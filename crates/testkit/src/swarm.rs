@@ -25,6 +25,32 @@ impl Swarm {
     /// [`Swarm::start`], with `peer_extra_yaml` (top-level sections) added to each normal
     /// peer's config.
     pub fn start_with(n: usize, peer_download_yaml: &str, peer_extra_yaml: &str) -> Swarm {
+        Swarm::start_opts(n, peer_download_yaml, peer_extra_yaml, false)
+    }
+
+    /// [`Swarm::start`], with peer `i` on its own loopback address `127.0.0.(10 + i)`, as
+    /// hosts on a network are (the scheduler counts witnesses by address).
+    pub fn start_on_own_addresses(n: usize, peer_download_yaml: &str) -> Swarm {
+        Swarm::start_opts(n, peer_download_yaml, "", true)
+    }
+
+    fn start_opts(
+        n: usize,
+        peer_download_yaml: &str,
+        peer_extra_yaml: &str,
+        own_addresses: bool,
+    ) -> Swarm {
+        Swarm::start_custom(n, |i| DaemonOptions {
+            download_yaml: peer_download_yaml.to_string(),
+            extra_yaml: peer_extra_yaml.to_string(),
+            ip: own_addresses.then(|| format!("127.0.0.{}", 10 + i)),
+            ..Default::default()
+        })
+    }
+
+    /// A scheduler, a seed peer and `n` peers, peer `i` started with `options(i)` (its
+    /// hostname and schedulers are the fixture's).
+    pub fn start_custom(n: usize, options: impl Fn(usize) -> DaemonOptions) -> Swarm {
         let dir = tempfile::tempdir().unwrap();
         let origin = Origin::start(OriginOptions::default());
         let scheduler_port = free_port();
@@ -53,9 +79,7 @@ impl Swarm {
                     &DaemonOptions {
                         hostname: Some(format!("peer{i}")),
                         schedulers: vec![scheduler_addr.clone()],
-                        download_yaml: peer_download_yaml.to_string(),
-                        extra_yaml: peer_extra_yaml.to_string(),
-                        ..Default::default()
+                        ..options(i)
                     },
                 )
                 .unwrap()

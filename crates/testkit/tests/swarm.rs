@@ -145,12 +145,15 @@ fn peers_finish_when_a_parent_dies() {
 #[test]
 fn a_corrupt_parent_is_detected_reported_and_not_used_again() {
     let _serial = serial();
-    let swarm = Swarm::start(3, "");
+    // Each peer on its own address: the scheduler excludes a parent for everyone only
+    // when children on two addresses report it.
+    let swarm = Swarm::start_on_own_addresses(4, "");
     let size = 32 * MIB;
     let data = random(size);
     let url = swarm.origin.put("corrupt.bin", data.clone());
 
-    // peer0 downloads, then its disk "rots": every piece it serves is now wrong.
+    // peer0 downloads, then its disk "rots": every piece it serves is now wrong (its
+    // recorded digests are still those of the right bytes).
     let out = swarm.peers[0].dfget_output(&url, &swarm.output(0), &[]);
     assert!(out.status.success(), "{}", swarm.logs());
     let task_id = only_task_id(&swarm.peers[0]);
@@ -161,44 +164,60 @@ fn a_corrupt_parent_is_detected_reported_and_not_used_again() {
     }
     std::fs::write(&content, &bytes).unwrap();
 
-    // peer1 prefers a normal peer over the seed, meets the corruption, and recovers.
-    let out = swarm.peers[1].dfget_output(&url, &swarm.output(1), &[]);
-    assert!(out.status.success(), "{}", swarm.logs());
-    assert!(
-        same_file(&swarm.output(1), &data),
-        "peer1 output is corrupt"
-    );
-    let m1 = Daemon::http_get(swarm.peers[1].metrics_port, "/metrics").unwrap();
-    assert!(
-        metric(&m1, "dragonfly_dfdaemon_download_piece_failure_total") >= 1.0,
-        "peer1 never tried the corrupt parent, so the test proved nothing\n{}",
+    // peer1 and peer2 prefer a normal peer over the seed, meet the corruption, recover,
+    // and report it. One report only keeps the reporter away from peer0.
+    let peer0_host = "127.0.0.10-peer0-";
+    let mut witnesses = 0;
+    for i in 1..=2 {
+        let out = swarm.peers[i].dfget_output(&url, &swarm.output(i), &[]);
+        assert!(out.status.success(), "{}", swarm.logs());
+        assert!(
+            same_file(&swarm.output(i), &data),
+            "peer{i} output is corrupt"
+        );
+        if metric(
+            &swarm.peers[i].metrics(),
+            "dragonfly_dfdaemon_download_piece_failure_total",
+        ) >= 1.0
+        {
+            witnesses += 1;
+        }
+        assert!(
+            bytes_by_parent(&swarm.peers[i])
+                .iter()
+                .all(|(p, _)| !p.as_deref().unwrap_or("").starts_with(peer0_host)),
+            "peer{i} kept a piece from the corrupt parent"
+        );
+        // Withdraw peer1's copy, so that peer2 too finds peer0 the only normal holder.
+        delete_local_task(&swarm.peers[i], &task_id);
+    }
+    assert_eq!(
+        witnesses,
+        2,
+        "peer1 and peer2 must both meet the corrupt parent (one report does not exclude it \
+         for others), or the test proved nothing\n{}",
         swarm.logs()
-    );
-    let peer0_host = "127.0.0.1-peer0-";
-    assert!(
-        bytes_by_parent(&swarm.peers[1])
-            .iter()
-            .all(|(p, _)| !p.as_deref().unwrap_or("").starts_with(peer0_host)),
-        "peer1 kept a piece from the corrupt parent"
     );
     let failures = metric(
         &swarm.scheduler.metrics(),
         "dragonfly_scheduler_download_piece_finished_failure_total",
     );
     assert!(
-        failures >= 1.0,
-        "the failure was not reported to the scheduler"
+        failures >= 2.0,
+        "the failures were not reported to the scheduler"
     );
 
-    // peer2 is never offered peer0 again.
-    let out = swarm.peers[2].dfget_output(&url, &swarm.output(2), &[]);
+    // Two addresses reported it: peer3 is never offered peer0.
+    let out = swarm.peers[3].dfget_output(&url, &swarm.output(3), &[]);
     assert!(out.status.success(), "{}", swarm.logs());
-    assert!(same_file(&swarm.output(2), &data));
-    let m2 = Daemon::http_get(swarm.peers[2].metrics_port, "/metrics").unwrap();
+    assert!(same_file(&swarm.output(3), &data));
     assert_eq!(
-        metric(&m2, "dragonfly_dfdaemon_download_piece_failure_total"),
+        metric(
+            &swarm.peers[3].metrics(),
+            "dragonfly_dfdaemon_download_piece_failure_total"
+        ),
         0.0,
-        "peer2 was handed the corrupt parent\n{}",
+        "peer3 was handed the corrupt parent\n{}",
         swarm.logs()
     );
 }
@@ -397,4 +416,96 @@ fn a_task_garbage_collected_is_withdrawn_from_the_scheduler() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+#[test]
+fn a_parent_lying_about_its_crcs_is_caught_by_the_seed_peers_digests() {
+    let _serial = serial();
+    let mut swarm = Swarm::start_on_own_addresses(2, "");
+    let size = 32 * MIB;
+    let data = random(size);
+    let url = swarm.origin.put("liar.bin", data.clone());
+    let out = swarm.peers[0].dfget_output(&url, &swarm.output(0), &[]);
+    assert!(out.status.success(), "{}", swarm.logs());
+    let task_id = only_task_id(&swarm.peers[0]);
+
+    // peer0 turns liar: it serves other bytes, with CRCs that match them, so a child that
+    // checks only what its parent claims takes them.
+    swarm.peers[0].kill();
+    let content = swarm.peers[0].content_path(&task_id);
+    let mut bytes = std::fs::read(&content).unwrap();
+    for b in bytes.iter_mut().step_by(4096) {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&content, &bytes).unwrap();
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let storage = d7y_storage::Storage::open(&swarm.peers[0].data_dir(), true).unwrap();
+        for mut piece in storage.pieces(&task_id).await.unwrap() {
+            let range = piece.offset as usize..(piece.offset + piece.length) as usize;
+            piece.digest = format!("crc32:{}", crc32fast::hash(&bytes[range]));
+            storage.put_piece(&task_id, piece).await.unwrap();
+        }
+    });
+    swarm.peers[0].restart().unwrap();
+
+    // peer1 prefers the normal peer, is told the seed's digests with its parents, refuses
+    // every piece peer0 offers, and ends with the right bytes from the seed.
+    let out = swarm.peers[1].dfget_output(&url, &swarm.output(1), &[]);
+    assert!(out.status.success(), "{}", swarm.logs());
+    assert!(
+        same_file(&swarm.output(1), &data),
+        "peer1 took the liar's bytes\n{}",
+        swarm.logs()
+    );
+    assert!(
+        metric(
+            &swarm.peers[1].metrics(),
+            "dragonfly_dfdaemon_download_piece_failure_total"
+        ) >= 1.0,
+        "peer1 never tried the liar, so the test proved nothing\n{}",
+        swarm.logs()
+    );
+    assert!(
+        bytes_by_parent(&swarm.peers[1])
+            .iter()
+            .all(|(p, _)| !p.as_deref().unwrap_or("").starts_with("127.0.0.10-peer0-")),
+        "peer1 kept a piece from the liar"
+    );
+    assert!(
+        swarm.peers[1].log().contains("the seed peer's"),
+        "the refusal does not name the seed's digest\n{}",
+        swarm.logs()
+    );
+}
+
+#[test]
+fn a_parent_that_stops_answering_is_replaced() {
+    let _serial = serial();
+    let swarm = Swarm::start_on_own_addresses(2, "");
+    let size = 24 * MIB;
+    let data = random(size);
+    let url = swarm.origin.put("frozen.bin", data.clone());
+    let out = swarm.peers[0].dfget_output(&url, &swarm.output(0), &[]);
+    assert!(out.status.success(), "{}", swarm.logs());
+    // The seed peer's copy goes, so peer0 is the only holder; then peer0 freezes (its
+    // connections stay open, nothing answers), as a host that hangs.
+    let task_id = only_task_id(&swarm.peers[0]);
+    delete_local_task(&swarm.seed, &task_id);
+    swarm.peers[0].signal("-STOP");
+    let started = Instant::now();
+    let out = swarm.peers[1].dfget_output(&url, &swarm.output(1), &[]);
+    let took = started.elapsed();
+    swarm.peers[0].signal("-CONT");
+    assert!(out.status.success(), "{}", swarm.logs());
+    assert!(same_file(&swarm.output(1), &data));
+    assert!(
+        took < Duration::from_secs(45),
+        "took {took:?} to get past a frozen parent\n{}",
+        swarm.logs()
+    );
+    assert!(
+        swarm.peers[1].log().contains("no piece from the parents"),
+        "peer1 never waited on the frozen parent, so the test proved nothing\n{}",
+        swarm.logs()
+    );
 }
