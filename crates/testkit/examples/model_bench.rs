@@ -69,6 +69,9 @@ fn write_repo(root: &Path, total: u64, files: usize, shards: usize) -> Vec<(Stri
             chunk_seed += 1;
             left -= n as u64;
         }
+        std::io::Write::flush(&mut f).unwrap();
+        drop(f);
+        d7y_testkit::stores::s3s_fs_index(root, "models", &format!("repo/{name}")).unwrap();
         out.push((name, size));
     };
     for i in 0..shards {
@@ -235,22 +238,19 @@ fn main() -> anyhow::Result<()> {
                         ]);
                     c
                 });
-                let times = match result {
-                    Ok(t) => t,
-                    Err(e) => {
-                        // Keep the logs of a failed run for reading.
-                        let keep = out_dir.join("failed-logs");
-                        std::fs::create_dir_all(&keep)?;
-                        std::fs::write(keep.join("seed.log"), swarm.seed.log())?;
-                        std::fs::write(keep.join("scheduler.log"), swarm.scheduler.log())?;
-                        for (i, p) in swarm.peers.iter().enumerate() {
-                            std::fs::write(keep.join(format!("peer{}.log", i + 1)), p.log())?;
-                        }
-                        anyhow::bail!("{e}\nlogs in {}", keep.display());
-                    }
-                };
+                // Keep the logs (of a failed run, for reading; of any run, to see who
+                // fetched what from the origin).
+                let keep = out_dir.join("logs");
+                std::fs::create_dir_all(&keep)?;
+                std::fs::write(keep.join("seed.log"), swarm.seed.log())?;
+                std::fs::write(keep.join("scheduler.log"), swarm.scheduler.log())?;
+                for (i, p) in swarm.peers.iter().enumerate() {
+                    std::fs::write(keep.join(format!("peer{}.log", i + 1)), p.log())?;
+                }
+                let times =
+                    result.map_err(|e| anyhow::anyhow!("{e}\nlogs in {}", keep.display()))?;
                 check(&repo, &shas, &dir, n, "dragonfly");
-                let from_origin: f64 = std::iter::once(&swarm.seed)
+                let per_daemon: Vec<f64> = std::iter::once(&swarm.seed)
                     .chain(swarm.peers.iter())
                     .map(|d| {
                         d7y_testkit::Daemon::http_get_at(&d.ip, d.metrics_port, "/metrics")
@@ -263,7 +263,16 @@ fn main() -> anyhow::Result<()> {
                             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                             .sum::<f64>()
                     })
-                    .sum();
+                    .collect();
+                let shares: Vec<String> = per_daemon
+                    .iter()
+                    .map(|b| format!("{:.3}", b / bytes as f64))
+                    .collect();
+                println!(
+                    "origin bytes per daemon (seed first), in F: {}",
+                    shares.join(" ")
+                );
+                let from_origin: f64 = per_daemon.iter().sum();
                 Outcome {
                     name: "dragonfly",
                     times,
