@@ -151,6 +151,39 @@ pub struct Backend {
     object: object::ObjectBackend,
 }
 
+/// The HTTP request to the hub at `url` (made from the hub's `base`): the caller's headers,
+/// and the hub token, for the hub's own host only, in place of any `Authorization` header.
+fn hub_http_request(
+    request: &SourceRequest,
+    url: &str,
+    base: &str,
+) -> Result<SourceRequest, BackendError> {
+    let mut hub_request = SourceRequest {
+        url: url::Url::parse(url).map_err(|e| BackendError::InvalidUrl {
+            url: base.to_string(),
+            reason: format!("the hub's base URL: {e}"),
+        })?,
+        headers: request.headers.clone(),
+        certificate_chain: request.certificate_chain.clone(),
+        credentials: Credentials::default(),
+    };
+    if let Some(token) = request
+        .credentials
+        .hub
+        .as_ref()
+        .and_then(|h| h.token.clone())
+        .filter(|t| !t.is_empty())
+    {
+        hub_request
+            .headers
+            .retain(|(k, _)| !k.eq_ignore_ascii_case("authorization"));
+        hub_request
+            .headers
+            .push(("Authorization".into(), format!("Bearer {token}")));
+    }
+    Ok(hub_request)
+}
+
 impl Backend {
     pub fn new(options: BackendOptions) -> Result<Backend, BackendError> {
         let http = HttpBackend::new(options.clone())?;
@@ -183,31 +216,7 @@ impl Backend {
             });
         }
         let (base, revision) = hub::endpoint(&loc, request.credentials.hub.as_ref());
-        let url = loc.file_url(&base, &revision);
-        let mut resolved = SourceRequest {
-            url: url::Url::parse(&url).map_err(|e| BackendError::InvalidUrl {
-                url: base.clone(),
-                reason: format!("the hub's base URL: {e}"),
-            })?,
-            headers: request.headers.clone(),
-            certificate_chain: request.certificate_chain.clone(),
-            credentials: Credentials::default(),
-        };
-        if let Some(token) = request
-            .credentials
-            .hub
-            .as_ref()
-            .and_then(|h| h.token.clone())
-            .filter(|t| !t.is_empty())
-        {
-            resolved
-                .headers
-                .retain(|(k, _)| !k.eq_ignore_ascii_case("authorization"));
-            resolved
-                .headers
-                .push(("Authorization".into(), format!("Bearer {token}")));
-        }
-        Ok(resolved)
+        hub_http_request(request, &loc.file_url(&base, &revision), &base)
     }
 
     /// Length, range support and headers of the content.
@@ -306,28 +315,7 @@ impl Backend {
         use futures_util::StreamExt;
         let loc = hub::HubLocation::parse(&request.url)?;
         let (base, revision) = hub::endpoint(&loc, request.credentials.hub.as_ref());
-        let mut listing = SourceRequest {
-            url: url::Url::parse(&loc.list_url(&base, &revision)).map_err(|e| {
-                BackendError::InvalidUrl {
-                    url: base.clone(),
-                    reason: format!("the hub's base URL: {e}"),
-                }
-            })?,
-            headers: request.headers.clone(),
-            certificate_chain: request.certificate_chain.clone(),
-            credentials: Credentials::default(),
-        };
-        if let Some(token) = request
-            .credentials
-            .hub
-            .as_ref()
-            .and_then(|h| h.token.clone())
-            .filter(|t| !t.is_empty())
-        {
-            listing
-                .headers
-                .push(("Authorization".into(), format!("Bearer {token}")));
-        }
+        let listing = hub_http_request(request, &loc.list_url(&base, &revision), &base)?;
         let mut body = self.http.get(&listing, timeout).await?;
         let mut bytes = Vec::new();
         while let Some(chunk) = body.next().await {
