@@ -258,7 +258,7 @@ pub async fn run(
 
 /// A seed peer's registration and keepalive, re-registering whenever the stream breaks.
 async fn seed_peer_loop(config: Arc<Config>, host: Arc<HostInfo>, tls: ManagerTls) {
-    let mut backoff = Duration::from_millis(500);
+    let mut reconnect = d7y_net::Reconnect::default();
     loop {
         let started = tokio::time::Instant::now();
         if let Err(e) = seed_peer_session(&config, &host, &tls).await {
@@ -268,11 +268,7 @@ async fn seed_peer_loop(config: Arc<Config>, host: Arc<HostInfo>, tls: ManagerTl
                 "seed peer registration lost; retrying"
             );
         }
-        if started.elapsed() > Duration::from_secs(60) {
-            backoff = Duration::from_millis(500);
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        tokio::time::sleep(reconnect.after(started.elapsed())).await;
     }
 }
 

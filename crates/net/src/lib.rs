@@ -6,14 +6,17 @@
 //!
 //! Owns: [`ConnLimiter`], [`tls`] (configs, reload), [`Io`] (a plain or TLS stream that
 //! tonic can serve), [`incoming`] (the accept loop for tonic servers) and [`channel`]
-//! (tonic clients). Knows nothing about Dragonfly's protocols.
+//! (tonic clients), [`Reconnect`] (the wait before a long-lived session reconnects). Knows
+//! nothing about Dragonfly's protocols.
 
+mod backoff;
 mod io;
 mod limit;
 #[cfg(any(test, feature = "test-certs"))]
 pub mod testing;
 pub mod tls;
 
+pub use backoff::Reconnect;
 pub use io::Io;
 pub use limit::{ConnLimiter, ConnLimits, ConnSlot};
 pub use tls::{ClientTls, ServerTls, TlsError, TlsFiles};

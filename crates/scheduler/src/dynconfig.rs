@@ -162,7 +162,7 @@ pub async fn run(
         .dynconfig
         .refresh_interval
         .max(Duration::from_secs(1));
-    let mut backoff = Duration::from_millis(500);
+    let mut reconnect = d7y_net::Reconnect::default();
     loop {
         let started = tokio::time::Instant::now();
         if let Err(e) = session(&service, &config, &addr, &tls, &mut me, keep_alive, refresh).await
@@ -173,11 +173,7 @@ pub async fn run(
                 "manager unreachable; keeping the last config"
             );
         }
-        if started.elapsed() > Duration::from_secs(60) {
-            backoff = Duration::from_millis(500);
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        tokio::time::sleep(reconnect.after(started.elapsed())).await;
     }
 }
 
