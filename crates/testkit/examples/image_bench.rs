@@ -15,6 +15,7 @@
 //! `--rounds R` repeats the systems (the median round is reported), `--once a,b` runs
 //! systems a and b in the first round only (the slow baselines).
 
+use d7y_testkit::bench::{arg, parse_rate, quantile};
 use d7y_testkit::netns::{HostSwarm, Hosts};
 use d7y_testkit::rigs::{Registry, RegistryOptions, TestImage};
 use std::collections::HashMap;
@@ -25,34 +26,6 @@ use std::time::Instant;
 const PREFIX: &str = "d7img";
 const REGISTRY_PORT: u16 = 5000;
 const REPO: &str = "bench/img";
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| default.to_string())
-}
-
-/// `200mbit` → bits per second.
-fn parse_rate(rate: &str) -> f64 {
-    let lower = rate.to_ascii_lowercase();
-    let (num, mult) = if let Some(n) = lower.strip_suffix("gbit") {
-        (n, 1e9)
-    } else if let Some(n) = lower.strip_suffix("mbit") {
-        (n, 1e6)
-    } else {
-        (lower.as_str(), 1.0)
-    };
-    num.parse::<f64>().expect("rate like 200mbit") * mult
-}
-
-fn quantile(v: &[f64], q: f64) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s[((s.len() as f64 - 1.0) * q).round() as usize]
-}
 
 struct Outcome {
     name: &'static str,

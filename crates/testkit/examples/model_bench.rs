@@ -12,6 +12,7 @@
 //!
 //! `scripts/bench_model.sh [--peers 4] [--size-mib 2048] [--rate 200mbit] [--out DIR]`
 
+use d7y_testkit::bench::{arg, parse_rate, quantile};
 use d7y_testkit::netns::{HostSwarm, Hosts};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -21,33 +22,6 @@ const PREFIX: &str = "d7mdl";
 const S3_PORT: u16 = 9000;
 const AK: &str = "AKIDBENCH";
 const SK: &str = "bench-secret";
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| default.to_string())
-}
-
-fn parse_rate(rate: &str) -> f64 {
-    let lower = rate.to_ascii_lowercase();
-    let (num, mult) = if let Some(n) = lower.strip_suffix("gbit") {
-        (n, 1e9)
-    } else if let Some(n) = lower.strip_suffix("mbit") {
-        (n, 1e6)
-    } else {
-        (lower.as_str(), 1.0)
-    };
-    num.parse::<f64>().expect("rate like 200mbit") * mult
-}
-
-fn quantile(v: &[f64], q: f64) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s[((s.len() as f64 - 1.0) * q).round() as usize]
-}
 
 /// Writes the repo under `root/models/repo/`; returns (relative path, size) of each file.
 fn write_repo(root: &Path, total: u64, files: usize, shards: usize) -> Vec<(String, u64)> {

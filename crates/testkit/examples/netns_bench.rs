@@ -13,6 +13,7 @@
 //! `--out`; `scripts/plot_swarm.py` turns the JSON into PNG plots. `--scheduler-yaml TEXT`
 //! appends YAML to the scheduler's config (tuning experiments).
 
+use d7y_testkit::bench::{arg, parse_rate, quantile};
 use d7y_testkit::netns::{HostSwarm, Hosts, SUBNET_GW};
 use d7y_testkit::swarm::bytes_by_source;
 use d7y_testkit::{bin_path, free_port};
@@ -23,30 +24,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const PREFIX: &str = "d7bench";
-
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| default.to_string())
-}
-
-/// `200mbit` → bits per second.
-fn parse_rate(rate: &str) -> f64 {
-    let lower = rate.to_ascii_lowercase();
-    let (num, mult) = if let Some(n) = lower.strip_suffix("gbit") {
-        (n, 1e9)
-    } else if let Some(n) = lower.strip_suffix("mbit") {
-        (n, 1e6)
-    } else if let Some(n) = lower.strip_suffix("kbit") {
-        (n, 1e3)
-    } else {
-        (lower.as_str(), 1.0)
-    };
-    num.parse::<f64>().expect("rate like 200mbit") * mult
-}
 
 #[derive(Debug, Default, Clone)]
 struct SystemResult {
@@ -79,12 +56,6 @@ impl SystemResult {
             sources.join(",")
         )
     }
-}
-
-fn quantile(v: &[f64], q: f64) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s[((s.len() as f64 - 1.0) * q).round() as usize]
 }
 
 struct Nginx {

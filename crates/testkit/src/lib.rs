@@ -2,6 +2,7 @@
 //! serves (with or without Range support, optionally throttled), and a harness that runs the
 //! real `dfdaemon` and `dfget` binaries on loopback with private ports and directories.
 
+pub mod bench;
 mod daemon;
 pub mod hub;
 pub mod manager;
