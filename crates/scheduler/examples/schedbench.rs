@@ -122,7 +122,7 @@ fn model_run(name: &str, tasks: usize, peers: usize) -> Stats {
         res.announce_host(h.clone());
         res.register_peer(&h.id, &task, &id, &download()).unwrap();
         res.peer_mut(&id).unwrap().state = PeerState::Running;
-        let s = res.schedule(&id, &limits, true, &mut rng).unwrap();
+        let s = res.schedule(&id, &limits, &mut rng).unwrap();
         samples.push(t0.elapsed());
         assert!(!s.parents.is_empty());
         // The peer makes progress before the next one arrives.

@@ -3,8 +3,22 @@
 //! **Invariants** (checked by the tests at the bottom):
 //! - every peer's task and host exist; a task's peer list holds exactly its peers;
 //! - `parents`/`children` are mirror images, and only link peers of the same task;
-//! - the parent graph of a task has no cycle, and no edge joins two peers of one host;
-//! - removing a peer removes all its edges.
+//! - no edge joins two peers of one host (nor a peer to itself);
+//! - removing a peer removes all its edges;
+//! - each task's counters (givers, back-to-source peers) equal what a scan of its peers
+//!   would count. Every change to a peer goes through [`Resources::peer_mut`], which
+//!   remembers that peer and what it counted as; the next call that needs the counters (or
+//!   the next `peer_mut`) re-counts that one peer, so the counters are exact without a scan.
+//!
+//! **The parent graph is a mesh, not a DAG.** Two peers may be each other's parents at
+//! once and trade different pieces (the Kumar–Ross scheme: every peer forwards what it has
+//! to the others). What acyclicity guarded against is kept where it is real: no piece is
+//! ever waited on in a cycle, because a daemon serves only pieces it holds or whose flight
+//! it already follows, and a reader follows one older flight (`dfdaemon::relay`). And no
+//! peer is handed a parent that can give it nothing now and could only ever get pieces
+//! through the child itself: a parent with nothing the child lacks is taken only when the
+//! child does not reach it (a bounded search; an exhausted budget counts as reaching), so
+//! a set of empty peers never feeds on each other alone.
 //!
 //! Everything here is synchronous and runs under the service's one lock; nothing awaits.
 
@@ -127,6 +141,12 @@ pub struct Task {
     pub digests: DigestBook,
     /// The layout was stated by a trusted seed peer (a disagreeing registrant is wrong).
     pub layout_from_seed: bool,
+    /// Peers that can give pieces now or soon ([`Peer::is_giver`]), and how many of them
+    /// each host runs: [`Resources::has_available_peer`] in O(1).
+    givers: u32,
+    givers_by_host: HashMap<String, u32>,
+    /// Peers downloading from the origin now.
+    back_to_source: u32,
 }
 
 impl Task {
@@ -147,11 +167,32 @@ impl Task {
             updated_at: now,
             digests: DigestBook::default(),
             layout_from_seed: false,
+            givers: 0,
+            givers_by_host: HashMap::new(),
+            back_to_source: 0,
         }
     }
 
     pub fn peer_ids(&self) -> &[String] {
         &self.peer_list
+    }
+
+    /// Adds (`+1`) or removes (`-1`) one peer's contribution to the counters.
+    fn count(&mut self, host_id: &str, flags: Counted, sign: i32) {
+        if flags.giver {
+            self.givers = self.givers.saturating_add_signed(sign);
+            if sign > 0 {
+                *self.givers_by_host.entry(host_id.to_string()).or_default() += 1;
+            } else if let Some(n) = self.givers_by_host.get_mut(host_id) {
+                *n -= 1;
+                if *n == 0 {
+                    self.givers_by_host.remove(host_id);
+                }
+            }
+        }
+        if flags.back_to_source {
+            self.back_to_source = self.back_to_source.saturating_add_signed(sign);
+        }
     }
 
     fn add_peer(&mut self, id: &str) {
@@ -239,8 +280,6 @@ pub struct Peer {
     pub need_back_to_source: bool,
     /// Failed schedules (no parent found) so far.
     pub schedule_failures: u32,
-    /// It sends refresh reschedules, so it accepts a new parent set at any time.
-    pub refreshes: bool,
     /// Bytes it reported by traffic type: back-to-source, remote peer.
     pub source_bytes: u64,
     pub peer_bytes: u64,
@@ -270,7 +309,6 @@ impl Peer {
             digests_sent: PieceSet::default(),
             need_back_to_source: false,
             schedule_failures: 0,
-            refreshes: false,
             source_bytes: 0,
             peer_bytes: 0,
             created_at: now,
@@ -281,6 +319,21 @@ impl Peer {
     /// Offered to nobody: proven corrupt, or holding pieces known to be wrong.
     pub fn isolated(&self) -> bool {
         self.corrupt || !self.wrong_pieces.is_empty()
+    }
+
+    /// Can give pieces now or soon: finished, at the origin, or downloading with pieces,
+    /// and not isolated.
+    pub fn is_giver(&self) -> bool {
+        !self.isolated()
+            && (matches!(self.state, PeerState::Succeeded | PeerState::BackToSource)
+                || (self.state == PeerState::Running && !self.pieces.is_empty()))
+    }
+
+    fn counted(&self) -> Counted {
+        Counted {
+            giver: self.is_giver(),
+            back_to_source: self.state == PeerState::BackToSource,
+        }
     }
 
     pub fn add_cost(&mut self, millis: u64) {
@@ -300,6 +353,17 @@ impl Peer {
     }
 }
 
+/// What a peer adds to its task's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Counted {
+    giver: bool,
+    back_to_source: bool,
+}
+
+/// Most peers the search for a path from a child to a candidate parent visits
+/// ([`Resources::reaches_within`]); past it the candidate counts as reachable.
+pub const REACH_BUDGET: usize = 64;
+
 /// Score bonus of a child's current parents when it is scheduled again.
 pub const STICKY_BONUS: f64 = 0.1;
 
@@ -316,9 +380,6 @@ pub struct Limits {
 pub struct Scheduled {
     /// The child's new parent set (empty: none found).
     pub parents: Vec<String>,
-    /// Other peers whose parent set changed (an edge to them was reversed); each must be
-    /// sent its new set.
-    pub revised: Vec<String>,
 }
 
 /// Hosts, tasks and peers.
@@ -332,6 +393,9 @@ pub struct Resources {
     next_seq: u32,
     /// Piece bits reserved by all peers (bounded by [`crate::limits::MAX_PIECE_BITS`]).
     pub piece_bits: u64,
+    /// The peer last handed out by [`Resources::peer_mut`] and what it counted as then: its
+    /// change is not in its task's counters yet.
+    pending: Option<(String, Counted)>,
 }
 
 /// Domain failures of resource operations.
@@ -376,6 +440,7 @@ impl Resources {
         peer_id: &str,
         download: &common::Download,
     ) -> Result<(), ResourceError> {
+        self.settle();
         if !self.hosts.contains_key(host_id) {
             return Err(ResourceError::UnknownHost(host_id.to_string()));
         }
@@ -444,14 +509,54 @@ impl Resources {
         Ok(())
     }
 
+    /// A peer to change. Its task's counters take the change in at the next call on
+    /// `self` (see the module docs).
     pub fn peer_mut(&mut self, peer_id: &str) -> Result<&mut Peer, ResourceError> {
-        self.peers
+        self.settle();
+        let peer = self
+            .peers
             .get_mut(peer_id)
-            .ok_or_else(|| ResourceError::UnknownPeer(peer_id.to_string()))
+            .ok_or_else(|| ResourceError::UnknownPeer(peer_id.to_string()))?;
+        self.pending = Some((peer_id.to_string(), peer.counted()));
+        Ok(peer)
+    }
+
+    /// Brings the counters up to date with the peer last handed out for change.
+    fn settle(&mut self) {
+        let Some((id, before)) = self.pending.take() else {
+            return;
+        };
+        let Some(peer) = self.peers.get(&id) else {
+            return;
+        };
+        let after = peer.counted();
+        if after != before {
+            if let Some(task) = self.tasks.get_mut(&peer.task_id) {
+                task.count(&peer.host_id, before, -1);
+                task.count(&peer.host_id, after, 1);
+            }
+        }
+    }
+
+    /// What the unsettled change adds to `task_id`'s counters: (givers, givers on
+    /// `host_id`, back-to-source peers).
+    fn unsettled(&self, task_id: &str, host_id: &str) -> (i64, i64, i64) {
+        let Some((id, before)) = &self.pending else {
+            return (0, 0, 0);
+        };
+        let Some(peer) = self.peers.get(id).filter(|p| p.task_id == task_id) else {
+            return (0, 0, 0);
+        };
+        let after = peer.counted();
+        let giver = after.giver as i64 - before.giver as i64;
+        let on_host = if peer.host_id == host_id { giver } else { 0 };
+        let bts = after.back_to_source as i64 - before.back_to_source as i64;
+        (giver, on_host, bts)
     }
 
     /// Removes a peer and all its edges; returns its former children.
     pub fn remove_peer(&mut self, peer_id: &str) -> Vec<String> {
+        self.settle();
         let Some(peer) = self.peers.remove(peer_id) else {
             return Vec::new();
         };
@@ -467,6 +572,7 @@ impl Resources {
         }
         if let Some(task) = self.tasks.get_mut(&peer.task_id) {
             task.remove_peer(peer_id);
+            task.count(&peer.host_id, peer.counted(), -1);
             task.digests.forget(peer.seq);
         }
         if let Some(host) = self.hosts.get_mut(&peer.host_id) {
@@ -532,8 +638,10 @@ impl Resources {
         }
     }
 
-    /// Whether `from` reaches `to` along parent→child edges.
-    pub fn reaches(&self, from: &str, to: &str) -> bool {
+    /// Whether `from` reaches `to` along parent→child edges, visiting at most `budget`
+    /// peers; a search that runs out of budget answers yes (the cautious side for its one
+    /// caller, which then does not take `to` as a parent).
+    pub fn reaches_within(&self, from: &str, to: &str, budget: usize) -> bool {
         if from == to {
             return true;
         }
@@ -549,6 +657,9 @@ impl Resources {
             if !seen.insert(id) {
                 continue;
             }
+            if seen.len() > budget {
+                return true;
+            }
             if let Some(p) = self.peers.get(id) {
                 for c in &p.children {
                     if c == to {
@@ -559,32 +670,6 @@ impl Resources {
             }
         }
         false
-    }
-
-    /// The child of `from` through which `from` reaches `to`, if it does.
-    pub fn first_hop(&self, from: &str, to: &str) -> Option<String> {
-        let start = self.peers.get(from)?;
-        let mut seen: HashSet<&str> = HashSet::new();
-        for hop in &start.children {
-            if hop == to {
-                return Some(hop.clone());
-            }
-            let mut stack: Vec<&str> = vec![hop];
-            while let Some(id) = stack.pop() {
-                if !seen.insert(id) {
-                    continue;
-                }
-                if let Some(p) = self.peers.get(id) {
-                    for c in &p.children {
-                        if c == to {
-                            return Some(hop.clone());
-                        }
-                        stack.push(c);
-                    }
-                }
-            }
-        }
-        None
     }
 
     /// Normal peers of a task that hold at least one piece (a warm swarm has two or more).
@@ -599,7 +684,14 @@ impl Resources {
     }
 
     /// Builds the candidate snapshot of `parent_id` relative to `child`.
-    fn candidate(&self, parent: &Peer, child: &Peer, missing: u32, limits: &Limits) -> Candidate {
+    fn candidate(
+        &self,
+        parent: &Peer,
+        child: &Peer,
+        child_rx_bps: u64,
+        missing: u32,
+        limits: &Limits,
+    ) -> Candidate {
         let host = self.hosts.get(&parent.host_id);
         let network = host.map(Host::network).unwrap_or_default();
         Candidate {
@@ -619,7 +711,12 @@ impl Resources {
                 useful_pieces: parent.pieces.count_missing_from(&child.pieces),
                 child_missing: missing,
                 children: parent.children.len() as u32,
-                max_children: limits.max_children,
+                max_children: scheduling::children_cap(
+                    network.max_tx_bandwidth,
+                    child_rx_bps,
+                    limits.candidate_parents,
+                    limits.max_children,
+                ),
                 max_tx_bps: network.max_tx_bandwidth,
                 tx_bps: network.tx_bandwidth.unwrap_or(0),
                 idc: network.idc,
@@ -629,18 +726,14 @@ impl Resources {
     }
 
     /// Chooses a new parent set for `child_id`, replacing its current one, and records the
-    /// edges. With `allow_reversal`, a direct child of `child_id` that holds more of what
-    /// `child_id` lacks than the reverse may become its parent instead (the edge flips, and
-    /// the flipped peer is listed in `revised`); this lets two peers feed each other over time
-    /// while the graph stays acyclic at every instant.
+    /// edges. Parents may be the child's own children (the mesh, see the module docs).
     pub fn schedule(
         &mut self,
         child_id: &str,
         limits: &Limits,
-        allow_reversal: bool,
         rng: &mut impl Rng,
     ) -> Result<Scheduled, ResourceError> {
-        self.schedule_with(child_id, limits, allow_reversal, false, rng)
+        self.schedule_with(child_id, limits, false, rng)
     }
 
     /// [`Resources::schedule`], where `allow_full` also accepts parents at their children
@@ -649,7 +742,6 @@ impl Resources {
         &mut self,
         child_id: &str,
         limits: &Limits,
-        allow_reversal: bool,
         allow_full: bool,
         rng: &mut impl Rng,
     ) -> Result<Scheduled, ResourceError> {
@@ -680,6 +772,7 @@ impl Resources {
         };
         let child_host = self.hosts.get(&child.host_id);
         let child_net = child_host.map(Host::network).unwrap_or_default();
+        let child_rx_bps = child_net.max_rx_bandwidth;
         let stats = ChildStats {
             idc: child_net.idc,
             location: child_net.location,
@@ -690,7 +783,7 @@ impl Resources {
             .filter_map(|id| self.peers.get(id))
             .map(|p| {
                 // The child's own in-edges are about to be replaced: do not count them.
-                let mut c = self.candidate(p, child, missing, limits);
+                let mut c = self.candidate(p, child, child_rx_bps, missing, limits);
                 if child.parents.contains(&p.id) {
                     c.stats.children = c.stats.children.saturating_sub(1);
                 }
@@ -723,9 +816,7 @@ impl Resources {
         let previous: Vec<String> = self.peers[child_id].parents.iter().cloned().collect();
         self.clear_parents(child_id);
         let mut chosen = Vec::new();
-        let mut revised = Vec::new();
-        let mut below = 0usize; // ranked candidates skipped as the child's descendants
-        let max_reversals = limits.candidate_parents;
+        let mut below = 0usize; // candidates with nothing now that feed only through the child
         for (candidate, _) in ranked {
             if chosen.len() >= limits.candidate_parents {
                 break;
@@ -735,44 +826,14 @@ impl Resources {
                 break;
             }
             let id = candidate.peer_id;
-            if self.reaches(child_id, &id) {
-                if !allow_reversal || revised.len() >= max_reversals {
-                    below += 1;
-                    continue;
-                }
-                // Break every path child→…→id by cutting child's out-edge on it, so id
-                // can feed child. Only towards the richer side, and only when each cut
-                // child accepts a new parent set at any time (it is sent one).
-                let (Some(me), Some(other)) = (self.peers.get(child_id), self.peers.get(&id))
-                else {
-                    continue;
-                };
-                let gives = other.pieces.count_missing_from(&me.pieces);
-                let takes = me.pieces.count_missing_from(&other.pieces);
-                if gives == 0 {
-                    continue;
-                }
-                let mut cut = Vec::new();
-                while let Some(hop) = self.first_hop(child_id, &id) {
-                    if cut.len() >= 3 || !self.peers.get(&hop).is_some_and(|p| p.refreshes) {
-                        break;
-                    }
-                    self.remove_edge(child_id, &hop);
-                    cut.push(hop);
-                }
-                if self.reaches(child_id, &id) {
-                    // A path could not be cut: restore and skip this candidate.
-                    for hop in cut {
-                        self.add_edge(child_id, &hop);
-                    }
-                    continue;
-                }
-                tracing::debug!(child = child_id, parent = id, gives, takes, cut = ?cut, "reversing");
-                for hop in cut {
-                    if !revised.contains(&hop) {
-                        revised.push(hop);
-                    }
-                }
+            // A parent with nothing the child lacks is worth taking only for what it will
+            // get from elsewhere: not when its pieces could come only through the child.
+            if candidate.state == PeerState::Running
+                && candidate.stats.useful_pieces == 0
+                && self.reaches_within(child_id, &id, REACH_BUDGET)
+            {
+                below += 1;
+                continue;
             }
             self.add_edge(&id, child_id);
             chosen.push(id);
@@ -782,52 +843,37 @@ impl Resources {
                 child = child_id,
                 sampled = sampled_count,
                 ?rejections,
-                descendants = below,
+                fed_through_child = below,
                 allow_full,
                 "no parent chosen"
             );
             // Nothing better: keep the parents it had (the child still uses them).
             for id in previous {
-                if self.peers.contains_key(&id) && !self.reaches(child_id, &id) {
+                if self.peers.contains_key(&id) {
                     self.add_edge(&id, child_id);
                 }
             }
         }
-        Ok(Scheduled {
-            parents: chosen,
-            revised,
+        Ok(Scheduled { parents: chosen })
+    }
+
+    /// Whether some peer of the task, on a host other than `except_host`, can give pieces
+    /// now or soon (seed triggering and back-to-source decisions hinge on it). O(1).
+    pub fn has_available_peer(&self, task_id: &str, except_host: &str) -> bool {
+        let (giver, on_host, _) = self.unsettled(task_id, except_host);
+        self.tasks.get(task_id).is_some_and(|t| {
+            let all = t.givers as i64 + giver;
+            let there = t.givers_by_host.get(except_host).copied().unwrap_or(0) as i64 + on_host;
+            all > there
         })
     }
 
-    /// Whether some peer of the task can give pieces now or soon (seed triggering and
-    /// back-to-source decisions hinge on it).
-    pub fn has_available_peer(&self, task_id: &str, except_host: &str) -> bool {
-        let Some(task) = self.tasks.get(task_id) else {
-            return false;
-        };
-        task.peer_ids()
-            .iter()
-            .filter_map(|id| self.peers.get(id))
-            .any(|p| {
-                p.host_id != except_host
-                    && !p.isolated()
-                    && (matches!(p.state, PeerState::Succeeded | PeerState::BackToSource)
-                        || (p.state == PeerState::Running && !p.pieces.is_empty()))
-            })
-    }
-
-    /// Peers of the task downloading from the origin now.
+    /// Peers of the task downloading from the origin now. O(1).
     pub fn back_to_source_count(&self, task_id: &str) -> usize {
+        let (_, _, bts) = self.unsettled(task_id, "");
         self.tasks
             .get(task_id)
-            .map(|t| {
-                t.peer_ids()
-                    .iter()
-                    .filter_map(|id| self.peers.get(id))
-                    .filter(|p| p.state == PeerState::BackToSource)
-                    .count()
-            })
-            .unwrap_or(0)
+            .map_or(0, |t| (t.back_to_source as i64 + bts).max(0) as usize)
     }
 
     /// Checks the invariants listed in the module docs; returns the first violation.
@@ -870,19 +916,45 @@ impl Resources {
                 if !c.parents.contains(id) {
                     return Err(format!("edge {id}->{child} not mirrored"));
                 }
-                if self.reaches(child, id) {
-                    return Err(format!("cycle through {id} and {child}"));
-                }
             }
         }
         for (id, task) in &self.tasks {
             if task.peer_list.len() != task.peer_index.len() {
                 return Err(format!("task {id}: peer index out of sync"));
             }
+            let mut givers = 0;
+            let mut by_host: HashMap<&str, u32> = HashMap::new();
+            let mut back_to_source = 0;
             for p in &task.peer_list {
-                if !self.peers.contains_key(p) {
-                    return Err(format!("task {id}: dangling peer {p}"));
+                let peer = self
+                    .peers
+                    .get(p)
+                    .ok_or(format!("task {id}: dangling peer {p}"))?;
+                if peer.is_giver() {
+                    givers += 1;
+                    *by_host.entry(peer.host_id.as_str()).or_default() += 1;
                 }
+                back_to_source += (peer.state == PeerState::BackToSource) as u32;
+            }
+            // The unsettled change (module docs) is counted as a reader would see it.
+            let mut counted: HashMap<&str, i64> = task
+                .givers_by_host
+                .iter()
+                .map(|(h, n)| (h.as_str(), *n as i64))
+                .collect();
+            let mut total = task.givers as i64;
+            let mut bts = task.back_to_source as i64;
+            if let Some(peer) = self.pending.as_ref().and_then(|(p, _)| self.peers.get(p)) {
+                let (giver, on_host, b) = self.unsettled(id, &peer.host_id);
+                total += giver;
+                bts += b;
+                *counted.entry(peer.host_id.as_str()).or_default() += on_host;
+            }
+            counted.retain(|_, n| *n != 0);
+            let scanned: HashMap<&str, i64> =
+                by_host.into_iter().map(|(h, n)| (h, n as i64)).collect();
+            if (givers as i64, back_to_source as i64, scanned) != (total, bts, counted) {
+                return Err(format!("task {id}: counters out of sync"));
             }
         }
         Ok(())
@@ -982,13 +1054,13 @@ mod tests {
     fn cold_swarm_gets_the_seed_and_never_a_peer_with_nothing() {
         let mut r = swarm(3, 8);
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-        let s = r.schedule("p0", &limits(), true, &mut rng).unwrap();
+        let s = r.schedule("p0", &limits(), &mut rng).unwrap();
         assert_eq!(s.parents, ["seed"]);
         r.check_invariants().unwrap();
     }
 
     #[test]
-    fn peers_holding_missing_pieces_become_parents_and_the_graph_stays_acyclic() {
+    fn peers_holding_missing_pieces_become_parents_of_each_other() {
         let mut r = swarm(6, 16);
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         for round in 0..20 {
@@ -996,27 +1068,29 @@ mod tests {
                 let id = format!("p{i}");
                 // Each peer gains some distinct pieces between schedules.
                 let piece = ((round * 6 + i) % 16) as u32;
-                let p = r.peer_mut(&id).unwrap();
-                p.pieces.insert(piece);
-                p.refreshes = true;
-                let s = r.schedule(&id, &limits(), true, &mut rng).unwrap();
+                r.peer_mut(&id).unwrap().pieces.insert(piece);
+                let s = r.schedule(&id, &limits(), &mut rng).unwrap();
                 assert!(!s.parents.is_empty());
                 assert!(s.parents.len() <= 4);
                 r.check_invariants().unwrap();
             }
         }
-        // Someone other than the seed is a parent by now.
+        // Someone other than the seed is a parent by now, and some pair feeds both ways.
         assert!(r
             .peers
             .values()
             .any(|p| p.parents.iter().any(|x| x != "seed")));
+        assert!(r
+            .peers
+            .values()
+            .any(|p| p.parents.iter().any(|x| p.children.contains(x))));
     }
 
     #[test]
-    fn reversal_lets_the_topmost_peer_take_from_its_child() {
+    fn two_peers_trade_both_ways_but_empty_peers_never_feed_only_each_other() {
         let mut r = swarm(2, 8);
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        // p0 holds 0..2 and p1 (its child) holds 2..8: p1 should flip to be p0's parent.
+        // p0 holds 0..2 and is p1's parent; p1 holds 2..8: p1 becomes p0's parent too.
         for n in 0..2 {
             r.peer_mut("p0").unwrap().pieces.insert(n);
         }
@@ -1025,19 +1099,63 @@ mod tests {
         for n in 2..8 {
             r.peer_mut("p1").unwrap().pieces.insert(n);
         }
-        r.peer_mut("p1").unwrap().refreshes = true;
-        let s = r.schedule("p0", &limits(), true, &mut rng).unwrap();
+        let s = r.schedule("p0", &limits(), &mut rng).unwrap();
         assert!(s.parents.contains(&"p1".to_string()), "{s:?}");
-        assert_eq!(s.revised, ["p1"]);
-        assert!(!r.peers["p1"].parents.contains("p0"));
+        assert!(r.peers["p1"].parents.contains("p0"), "the old edge stays");
         r.check_invariants().unwrap();
-        // Without reversal the cycle is simply avoided.
+        // An empty child of p0 is no parent for p0: it could only get pieces through p0.
         let mut r2 = swarm(2, 8);
         r2.add_edge("p0", "p1");
-        r2.peer_mut("p1").unwrap().pieces.insert(3);
-        r2.peer_mut("p1").unwrap().refreshes = true;
-        let s = r2.schedule("p0", &limits(), false, &mut rng).unwrap();
+        let s = r2.schedule("p0", &limits(), &mut rng).unwrap();
         assert_eq!(s.parents, ["seed"]);
+        // But an empty peer fed from elsewhere is (it will have pieces soon).
+        let mut r3 = swarm(2, 8);
+        r3.add_edge("seed", "p1");
+        let s = r3.schedule("p0", &limits(), &mut rng).unwrap();
+        let mut got = s.parents.clone();
+        got.sort();
+        assert_eq!(got, ["p1", "seed"]);
+    }
+
+    #[test]
+    fn the_reach_search_is_bounded_and_errs_towards_reachable() {
+        // A chain seed -> p0 -> p1 -> ... -> p99.
+        let mut r = swarm(100, 8);
+        r.add_edge("seed", "p0");
+        for i in 1..100 {
+            r.add_edge(&format!("p{}", i - 1), &format!("p{i}"));
+        }
+        assert!(r.reaches_within("p0", "p10", REACH_BUDGET));
+        assert!(!r.reaches_within("p90", "p0", REACH_BUDGET));
+        assert!(!r.reaches_within("p98", "p0", 2));
+        // Past the budget: "reaches", whether or not it does.
+        assert!(r.reaches_within("p0", "p99", REACH_BUDGET));
+        assert!(r.reaches_within("p0", "seed", 3));
+    }
+
+    #[test]
+    fn counters_follow_every_change_and_answer_without_a_scan() {
+        let mut r = swarm(3, 8);
+        // Only the seed can give.
+        assert!(r.has_available_peer("t", "h0"));
+        assert!(!r.has_available_peer("t", "seed-host"));
+        assert_eq!(r.back_to_source_count("t"), 0);
+        r.peer_mut("p0").unwrap().pieces.insert(1);
+        assert!(r.has_available_peer("t", "seed-host"));
+        r.peer_mut("p1").unwrap().state = PeerState::BackToSource;
+        r.peer_mut("p2").unwrap().state = PeerState::BackToSource;
+        assert_eq!(r.back_to_source_count("t"), 2);
+        r.check_invariants().unwrap();
+        // Isolation and removal take a peer out; a re-registration starts it over.
+        r.peer_mut("p0").unwrap().wrong_pieces.insert(1);
+        r.peer_mut("seed").unwrap().corrupt = true;
+        r.remove_peer("p1");
+        r.register_peer("h2", "t", "p2", &download(8)).unwrap();
+        assert_eq!(r.back_to_source_count("t"), 0);
+        assert!(!r.has_available_peer("t", ""));
+        r.check_invariants().unwrap();
+        assert!(!r.has_available_peer("nope", ""));
+        assert_eq!(r.back_to_source_count("nope"), 0);
     }
 
     #[test]
@@ -1055,7 +1173,7 @@ mod tests {
             ..limits()
         };
         for i in 1..12 {
-            r.schedule(&format!("p{i}"), &limits, false, &mut rng)
+            r.schedule(&format!("p{i}"), &limits, &mut rng)
                 .unwrap();
         }
         assert!(r.peers["p0"].children.len() <= 3);
@@ -1073,7 +1191,7 @@ mod tests {
         // Each newcomer gets the one peer with a free slot: the previous one.
         for i in 0..16 {
             let id = format!("p{i}");
-            let s = r.schedule(&id, &limits, false, &mut rng).unwrap();
+            let s = r.schedule(&id, &limits, &mut rng).unwrap();
             let want = if i == 0 {
                 "seed".to_string()
             } else {
@@ -1088,10 +1206,10 @@ mod tests {
         r.announce_host(host("h16", false));
         r.register_peer("h16", "t", "p16", &download(8)).unwrap();
         r.peer_mut("p16").unwrap().state = PeerState::Running;
-        let s = r.schedule("p16", &limits, false, &mut rng).unwrap();
+        let s = r.schedule("p16", &limits, &mut rng).unwrap();
         assert!(s.parents.is_empty(), "{s:?}");
         let s = r
-            .schedule_with("p16", &limits, false, true, &mut rng)
+            .schedule_with("p16", &limits, true, &mut rng)
             .unwrap();
         assert_eq!(s.parents.len(), 1, "{s:?}");
         r.check_invariants().unwrap();
@@ -1100,7 +1218,7 @@ mod tests {
         r.remove_edge("p6", "p7");
         r.peer_mut("p6").unwrap().state = PeerState::Failed;
         let s = r
-            .schedule_with("p7", &limits, false, true, &mut rng)
+            .schedule_with("p7", &limits, true, &mut rng)
             .unwrap();
         assert!(!s.parents.is_empty(), "{s:?}");
         r.check_invariants().unwrap();
@@ -1117,9 +1235,9 @@ mod tests {
             p1.pieces.insert(n);
         }
         r.peer_mut("p0").unwrap().blocklist.insert("p1".into());
-        let s = r.schedule("p0", &limits(), false, &mut rng).unwrap();
+        let s = r.schedule("p0", &limits(), &mut rng).unwrap();
         assert!(s.parents.is_empty(), "{s:?}");
-        let s = r.schedule("p2", &limits(), false, &mut rng).unwrap();
+        let s = r.schedule("p2", &limits(), &mut rng).unwrap();
         assert_eq!(s.parents, ["p1"]);
     }
 
@@ -1130,7 +1248,7 @@ mod tests {
         for i in 0..5 {
             let id = format!("p{i}");
             r.peer_mut(&id).unwrap().pieces.insert(i);
-            r.schedule(&id, &limits(), false, &mut rng).unwrap();
+            r.schedule(&id, &limits(), &mut rng).unwrap();
         }
         let orphans = r.remove_peer("p0");
         for o in &orphans {

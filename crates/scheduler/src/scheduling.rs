@@ -1,6 +1,6 @@
-//! Candidate filtering and ranking: which peers may be a child's parents, best first.
-//! Pure: it sees plain snapshots built by [`crate::resource`], which then walks the ranking
-//! and adds edges that keep the task's parent graph acyclic.
+//! Candidate filtering and ranking: which peers may be a child's parents, best first, and
+//! how many children a parent takes. Pure: it sees plain snapshots built by
+//! [`crate::resource`], which then walks the ranking and adds the edges.
 
 use crate::evaluator::{self, ChildStats, ParentStats};
 use std::collections::{HashMap, HashSet};
@@ -118,6 +118,25 @@ pub fn filter(child: &Child<'_>, candidate: &Candidate) -> Result<(), Rejection>
         return Err(Rejection::Full);
     }
     Ok(())
+}
+
+/// How many children a parent serves at once: as many as its upload covers at the share a
+/// child asks of each parent (the child's download rate spread over the `candidate_parents`
+/// it is given), at least one, and never more than the configured `ceiling`. Rates of 0
+/// are unknown: the ceiling. Equal links give the ceiling when it equals the parent count;
+/// a parent with half the upload takes half the children; a fat seed, up to the ceiling.
+pub fn children_cap(
+    parent_tx_bps: u64,
+    child_rx_bps: u64,
+    candidate_parents: usize,
+    ceiling: u32,
+) -> u32 {
+    if parent_tx_bps == 0 || child_rx_bps == 0 {
+        return ceiling;
+    }
+    let share = (child_rx_bps as f64 / candidate_parents.max(1) as f64).max(1.0);
+    let cap = (parent_tx_bps as f64 / share).round();
+    (cap.min(ceiling as f64) as u32).clamp(1.min(ceiling), ceiling.max(1))
 }
 
 /// Rejected candidates by reason (full ones included even when `allow_full` kept them).
@@ -238,6 +257,38 @@ mod tests {
             (cand("p", "h", PeerState::Succeeded), Ok(())),
         ] {
             assert_eq!(filter(&child, &candidate), want, "{candidate:?}");
+        }
+    }
+
+    #[test]
+    fn children_cap_follows_the_upload_rate() {
+        const M: u64 = 1_000_000;
+        for (parent_tx, child_rx, parents, ceiling, want) in [
+            // Unknown rates: the ceiling.
+            (0, 100 * M, 8, 8, 8),
+            (100 * M, 0, 8, 8, 8),
+            // Equal links, eight parents each: eight children each.
+            (100 * M, 100 * M, 8, 8, 8),
+            (100 * M, 100 * M, 8, 16, 8),
+            // Half the upload, half the children; a quarter, a quarter.
+            (50 * M, 100 * M, 8, 8, 4),
+            (25 * M, 100 * M, 8, 8, 2),
+            // A trickle still serves one.
+            (M, 100 * M, 8, 8, 1),
+            // A fat seed: up to the ceiling only.
+            (10_000 * M, 100 * M, 8, 8, 8),
+            (10_000 * M, 100 * M, 8, 64, 64),
+            // A slow child asks little of each parent.
+            (100 * M, 25 * M, 8, 64, 32),
+            // Degenerate settings do not panic.
+            (100 * M, 100 * M, 0, 8, 1),
+            (100 * M, 100 * M, 8, 0, 0),
+        ] {
+            assert_eq!(
+                children_cap(parent_tx, child_rx, parents, ceiling),
+                want,
+                "{parent_tx} {child_rx} {parents} {ceiling}"
+            );
         }
     }
 

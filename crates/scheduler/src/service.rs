@@ -710,13 +710,9 @@ impl Service {
         let last_attempt = attempt >= self.config.scheduler.retry_back_to_source_limit
             || attempt >= self.config.scheduler.retry_limit;
         let started = Instant::now();
-        let scheduled = st.res.schedule_with(
-            peer_id,
-            &self.limits(),
-            false,
-            last_attempt,
-            &mut rand::thread_rng(),
-        );
+        let scheduled =
+            st.res
+                .schedule_with(peer_id, &self.limits(), last_attempt, &mut rand::thread_rng());
         self.metrics
             .schedule_duration_milliseconds
             .with_label_values(&[reason])
@@ -829,7 +825,6 @@ impl Service {
                         .is_some_and(|d| d.starts_with(REFRESH_DESCRIPTION));
                 if refresh {
                     m.reschedule_total.with_label_values(&["refresh"]).inc();
-                    st.res.peer_mut(peer_id)?.refreshes = true;
                     self.refresh(&mut st, peer_id);
                     return Ok(());
                 }
@@ -1100,36 +1095,25 @@ impl Service {
         }
     }
 
-    /// Answers a refresh: a new parent set now (possibly reversing an edge), or nothing.
+    /// Answers a refresh: a new parent set now, or nothing.
     fn refresh(&self, st: &mut State, peer_id: &str) {
         let Ok(scheduled) = st
             .res
-            .schedule(peer_id, &self.limits(), true, &mut rand::thread_rng())
+            .schedule(peer_id, &self.limits(), &mut rand::thread_rng())
         else {
             return;
         };
         if scheduled.parents.is_empty() {
             return;
         }
-        let mut replies = vec![(peer_id.to_string(), scheduled.parents)];
-        for other in scheduled.revised {
-            if let Ok(s) = st
-                .res
-                .schedule(&other, &self.limits(), false, &mut rand::thread_rng())
-            {
-                replies.push((other, s.parents));
-            }
-        }
-        for (id, parents) in replies {
-            let mut protos = self.parent_protos(st, &parents);
-            attach_digests(st, &id, &mut protos);
-            if let Some(stream) = st.streams.get(&id) {
-                let _ = stream.tx.try_send(Ok(AnnouncePeerResponse {
-                    response: Some(Reply::NormalTaskResponse(NormalTaskResponse {
-                        candidate_parents: protos,
-                    })),
-                }));
-            }
+        let mut protos = self.parent_protos(st, &scheduled.parents);
+        attach_digests(st, peer_id, &mut protos);
+        if let Some(stream) = st.streams.get(peer_id) {
+            let _ = stream.tx.try_send(Ok(AnnouncePeerResponse {
+                response: Some(Reply::NormalTaskResponse(NormalTaskResponse {
+                    candidate_parents: protos,
+                })),
+            }));
         }
     }
 
