@@ -1,0 +1,332 @@
+use super::*;
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+
+fn rng() -> SmallRng {
+    SmallRng::seed_from_u64(7)
+}
+
+fn cfg() -> Config {
+    Config {
+        concurrency: 64,
+        piece_length: 1000,
+        horizon_secs: 1.0,
+        default_budget: 2,
+        max_per_parent: 4,
+        seed_share: 1,
+        endgame_pieces: 2,
+    }
+}
+
+/// A picker over `count` pieces with one parent per entry of `holds` (`(is_seed, pieces)`).
+fn setup(count: u32, holds: &[(bool, &[u32])]) -> (Picker, Vec<ParentId>) {
+    let mut p = Picker::new(count, cfg());
+    let ids = holds
+        .iter()
+        .map(|(seed, pieces)| {
+            let id = p.add_parent(*seed);
+            p.set_usable(id, true);
+            for n in *pieces {
+                p.available(id, *n);
+            }
+            id
+        })
+        .collect();
+    (p, ids)
+}
+
+#[test]
+fn rarest_first_and_only_what_a_parent_holds() {
+    // (what each normal parent holds, the first pick's piece and parent index)
+    let table: &[(&[&[u32]], u32, usize)] = &[
+        // A holds 0,1,2; B 1,2; C 2: A (least loaded, first) takes its rarest, 0.
+        (&[&[0, 1, 2], &[1, 2], &[2]], 0, 0),
+        // Only one parent holds 3, and it is the rarest there.
+        (&[&[2, 3], &[2]], 3, 0),
+        // A parent with nothing useful is skipped.
+        (&[&[], &[5]], 5, 1),
+    ];
+    for (holds, piece, parent) in table {
+        let holds: Vec<(bool, &[u32])> = holds.iter().map(|h| (false, *h)).collect();
+        let (mut p, ids) = setup(8, &holds);
+        let got = p.next(None, &mut rng());
+        assert_eq!(
+            got,
+            Some((*piece, Source::Parent(ids[*parent]))),
+            "{holds:?}"
+        );
+        p.check().unwrap();
+    }
+}
+
+#[test]
+fn ties_are_broken_at_random() {
+    let mut seen = std::collections::HashSet::new();
+    for seed in 0..64 {
+        let (mut p, _) = setup(4, &[(false, &[0, 1, 2, 3])]);
+        let (n, _) = p.next(None, &mut SmallRng::seed_from_u64(seed)).unwrap();
+        seen.insert(n);
+    }
+    assert_eq!(seen.len(), 4, "{seen:?}");
+}
+
+#[test]
+fn the_seed_gives_only_what_no_normal_parent_holds() {
+    // Seed holds all; the normal parent holds 0 and 1 but has budget for 2 only.
+    let (mut p, ids) = setup(4, &[(true, &[0, 1, 2, 3]), (false, &[0, 1])]);
+    let (seed, normal) = (ids[0], ids[1]);
+    assert_eq!(
+        p.budget(seed),
+        1,
+        "the seed's share while a normal parent is there"
+    );
+    assert_eq!(p.budget(normal), 2);
+    let mut got: Vec<(u32, Source)> = std::iter::from_fn(|| p.next(None, &mut rng())).collect();
+    got.sort_by_key(|(n, _)| *n);
+    // 0 and 1 from the normal parent, one of 2 and 3 from the seed (its share is 1), and
+    // nothing else: the other waits for the seed.
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert_eq!(got[0], (0, Source::Parent(normal)));
+    assert_eq!(got[1], (1, Source::Parent(normal)));
+    assert_eq!(got[2].1, Source::Parent(seed));
+    p.check().unwrap();
+    // Without normal parents the seed has a full budget.
+    let (p, ids) = setup(4, &[(true, &[0, 1, 2, 3])]);
+    assert_eq!(p.budget(ids[0]), 2);
+    // A piece a busy normal parent holds is waited for, not taken from the seed.
+    let (mut p, ids) = setup(4, &[(true, &[0, 1, 2, 3]), (false, &[0, 1, 2, 3])]);
+    let picks: Vec<(u32, Source)> = std::iter::from_fn(|| p.next(None, &mut rng())).collect();
+    assert_eq!(picks.len(), 2, "{picks:?}");
+    assert!(picks.iter().all(|(_, s)| *s == Source::Parent(ids[1])));
+}
+
+#[test]
+fn the_origin_gives_in_order_what_no_parent_holds() {
+    // No parents: a whole back-to-source download, budget-bound, in order.
+    let mut p = Picker::new(6, cfg());
+    p.set_origin_budget(3);
+    let got: Vec<(u32, Source)> = std::iter::from_fn(|| p.next(None, &mut rng())).collect();
+    assert_eq!(
+        got,
+        [
+            (0, Source::Origin),
+            (1, Source::Origin),
+            (2, Source::Origin)
+        ]
+    );
+    p.finished(1, Source::Origin, 1000, 0.1);
+    assert_eq!(p.next(None, &mut rng()), Some((3, Source::Origin)));
+    // With a parent holding 0..3, the origin takes only 4 and 5.
+    let (mut p, ids) = setup(6, &[(false, &[0, 1, 2, 3])]);
+    p.set_origin_budget(8);
+    let got: Vec<(u32, Source)> = std::iter::from_fn(|| p.next(None, &mut rng())).collect();
+    let from_origin: Vec<u32> = got
+        .iter()
+        .filter(|(_, s)| *s == Source::Origin)
+        .map(|(n, _)| *n)
+        .collect();
+    assert_eq!(from_origin, [4, 5]);
+    assert_eq!(
+        got.iter()
+            .filter(|(_, s)| *s == Source::Parent(ids[0]))
+            .count(),
+        2
+    );
+    // Without an origin budget, never the origin.
+    let mut p = Picker::new(2, cfg());
+    assert_eq!(p.next(None, &mut rng()), None);
+}
+
+#[test]
+fn budgets_follow_measured_rates() {
+    // piece 1000 B, horizon 1 s: budget = ceil(rate / 1000), within 1..=4.
+    for (bytes, secs, sharing_pieces, want) in [
+        (1000, 1.0, 1, 1),   // 1000 B/s
+        (1000, 0.5, 1, 2),   // 2000 B/s
+        (1000, 0.01, 1, 4),  // 100 kB/s: the cap
+        (1000, 100.0, 1, 1), // a trickle: at least one
+        (1000, 1.0, 2, 2),   // two shared the link: 2000 B/s
+    ] {
+        let pieces: Vec<u32> = (0..8).collect();
+        let (mut p, ids) = setup(8, &[(false, &pieces)]);
+        assert_eq!(p.budget(ids[0]), 2, "unmeasured");
+        let mut started = Vec::new();
+        for _ in 0..sharing_pieces {
+            started.push(p.next(None, &mut rng()).unwrap());
+        }
+        let (n, s) = *started.last().unwrap();
+        p.finished(n, s, bytes, secs);
+        assert_eq!(
+            p.budget(ids[0]),
+            want,
+            "{bytes} B in {secs} s, {sharing_pieces} sharing"
+        );
+    }
+}
+
+#[test]
+fn demand_goes_first_on_the_same_terms() {
+    let (mut p, ids) = setup(8, &[(false, &[0, 5, 6])]);
+    assert_eq!(
+        p.next(Some(6), &mut rng()),
+        Some((6, Source::Parent(ids[0])))
+    );
+    // A wanted piece nobody holds falls back to the normal choice.
+    let got = p.next(Some(7), &mut rng()).unwrap();
+    assert!(matches!(got, (0 | 5, Source::Parent(_))), "{got:?}");
+    // A wanted piece in flight or held is not fetched twice.
+    assert_ne!(p.next(Some(6), &mut rng()).map(|x| x.0), Some(6));
+}
+
+#[test]
+fn the_endgame_doubles_the_oldest_single_fetch_and_names_the_loser() {
+    // Two pieces left, both from the slow parent A; B holds both and is idle.
+    let (mut p, ids) = setup(2, &[(false, &[0, 1]), (false, &[])]);
+    let (a, b) = (ids[0], ids[1]);
+    let first = p.next(None, &mut rng()).unwrap();
+    let second = p.next(None, &mut rng()).unwrap();
+    assert_eq!((first.1, second.1), (Source::Parent(a), Source::Parent(a)));
+    assert_eq!(p.next(None, &mut rng()), None, "B holds nothing yet");
+    p.available(b, 0);
+    p.available(b, 1);
+    // B takes the older of the two.
+    assert_eq!(p.next(None, &mut rng()), Some((first.0, Source::Parent(b))));
+    assert_eq!(
+        p.next(None, &mut rng()),
+        Some((second.0, Source::Parent(b)))
+    );
+    assert_eq!(p.next(None, &mut rng()), None, "never a third fetch");
+    p.check().unwrap();
+    // B's copy of the first wins: A's is the loser, and A's late report is ignored.
+    assert_eq!(
+        p.finished(first.0, Source::Parent(b), 1000, 0.1),
+        [Source::Parent(a)]
+    );
+    p.failed(first.0, Source::Parent(a));
+    assert_eq!(p.finished(first.0, Source::Parent(a), 1000, 1.0), []);
+    assert_eq!(p.remaining(), 1);
+    assert_eq!(p.in_flight(), 2);
+    p.check().unwrap();
+    // With more than `endgame_pieces` left, no duplicates.
+    let (mut p, ids) = setup(3, &[(false, &[0, 1, 2]), (false, &[0, 1, 2])]);
+    p.set_usable(ids[1], false);
+    while p.next(None, &mut rng()).is_some() {}
+    assert_eq!(p.in_flight(), 2);
+    p.set_usable(ids[1], true);
+    assert!(p.next(None, &mut rng()).is_some(), "the third, fresh");
+    assert_eq!(p.next(None, &mut rng()), None, "three left: no endgame yet");
+}
+
+#[test]
+fn concurrency_bounds_everything_and_failures_free_the_piece() {
+    let pieces: Vec<u32> = (0..32).collect();
+    let mut p = Picker::new(
+        32,
+        Config {
+            concurrency: 3,
+            ..cfg()
+        },
+    );
+    for _ in 0..4 {
+        let id = p.add_parent(false);
+        p.set_usable(id, true);
+        for n in &pieces {
+            p.available(id, *n);
+        }
+    }
+    let got: Vec<(u32, Source)> = std::iter::from_fn(|| p.next(None, &mut rng())).collect();
+    assert_eq!(got.len(), 3);
+    let (n, s) = got[0];
+    p.failed(n, s);
+    p.failed(n, s); // a repeat is ignored
+    assert_eq!(p.in_flight(), 2);
+    assert!(p.next(None, &mut rng()).is_some());
+    p.check().unwrap();
+}
+
+#[test]
+fn removed_parents_and_held_pieces_are_accounted() {
+    let (mut p, ids) = setup(4, &[(false, &[0, 1, 2, 3]), (false, &[0])]);
+    p.mark_held(3);
+    assert_eq!(p.remaining(), 3);
+    // A takes its rarest (1 or 2: B also holds 0).
+    let (n, s) = p.next(None, &mut rng()).unwrap();
+    assert_eq!(s, Source::Parent(ids[0]));
+    assert!(n == 1 || n == 2, "{n}");
+    p.remove_parent(ids[0]);
+    // Its fetch stays until reported; nothing more comes from it, and B gives 0.
+    assert_eq!(p.in_flight(), 1);
+    assert_eq!(p.next(None, &mut rng()), Some((0, Source::Parent(ids[1]))));
+    assert_eq!(p.next(None, &mut rng()), None);
+    p.failed(n, s);
+    assert_eq!(p.in_flight(), 1);
+    p.check().unwrap();
+    // A held piece found wrong is missing again.
+    p.lost(3);
+    assert_eq!(p.remaining(), 4);
+    assert!(!p.has(3));
+    p.check().unwrap();
+}
+
+#[test]
+fn random_operations_keep_the_invariants_and_finish() {
+    for seed in 0..20 {
+        let mut r = SmallRng::seed_from_u64(seed);
+        let count = r.gen_range(1..200);
+        let mut p = Picker::new(
+            count,
+            Config {
+                concurrency: r.gen_range(1..20),
+                ..cfg()
+            },
+        );
+        p.set_origin_budget(r.gen_range(0..3));
+        let mut parents = Vec::new();
+        let mut in_flight: Vec<(u32, Source)> = Vec::new();
+        for _step in 0..20_000 {
+            match r.gen_range(0..10) {
+                0 if parents.len() < 6 => {
+                    let id = p.add_parent(r.gen_bool(0.2));
+                    p.set_usable(id, true);
+                    parents.push(id);
+                }
+                1 if !parents.is_empty() && r.gen_bool(0.1) => {
+                    let id = parents.swap_remove(r.gen_range(0..parents.len()));
+                    p.remove_parent(id);
+                }
+                2 | 3 if !parents.is_empty() => {
+                    let id = parents[r.gen_range(0..parents.len())];
+                    p.available(id, r.gen_range(0..count + 2));
+                }
+                4..=6 => {
+                    if let Some((n, s)) = p.next(None, &mut r) {
+                        assert!(!p.has(n));
+                        in_flight.push((n, s));
+                    }
+                }
+                _ if !in_flight.is_empty() => {
+                    let (n, s) = in_flight.swap_remove(r.gen_range(0..in_flight.len()));
+                    if r.gen_bool(0.8) {
+                        for loser in p.finished(n, s, 1000, 0.1) {
+                            in_flight.retain(|f| *f != (n, loser));
+                        }
+                    } else {
+                        p.failed(n, s);
+                    }
+                }
+                _ => {}
+            }
+            p.check().unwrap();
+        }
+        // Drain: with the origin (or a parent holding all) everything arrives.
+        p.set_origin_budget(4);
+        for (n, s) in in_flight.drain(..) {
+            p.failed(n, s);
+        }
+        while !p.is_done() {
+            let (n, s) = p.next(None, &mut r).expect("progress");
+            p.finished(n, s, 1000, 0.1);
+            p.check().unwrap();
+        }
+    }
+}
