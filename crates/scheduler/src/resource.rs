@@ -1173,8 +1173,7 @@ mod tests {
             ..limits()
         };
         for i in 1..12 {
-            r.schedule(&format!("p{i}"), &limits, &mut rng)
-                .unwrap();
+            r.schedule(&format!("p{i}"), &limits, &mut rng).unwrap();
         }
         assert!(r.peers["p0"].children.len() <= 3);
         r.check_invariants().unwrap();
@@ -1208,18 +1207,14 @@ mod tests {
         r.peer_mut("p16").unwrap().state = PeerState::Running;
         let s = r.schedule("p16", &limits, &mut rng).unwrap();
         assert!(s.parents.is_empty(), "{s:?}");
-        let s = r
-            .schedule_with("p16", &limits, true, &mut rng)
-            .unwrap();
+        let s = r.schedule_with("p16", &limits, true, &mut rng).unwrap();
         assert_eq!(s.parents.len(), 1, "{s:?}");
         r.check_invariants().unwrap();
         // p7's parent fails; the open peers left (p8, its child, and p16's subtree if it
         // hangs below p7) may be its descendants: a full parent above is the last resort.
         r.remove_edge("p6", "p7");
         r.peer_mut("p6").unwrap().state = PeerState::Failed;
-        let s = r
-            .schedule_with("p7", &limits, true, &mut rng)
-            .unwrap();
+        let s = r.schedule_with("p7", &limits, true, &mut rng).unwrap();
         assert!(!s.parents.is_empty(), "{s:?}");
         r.check_invariants().unwrap();
     }

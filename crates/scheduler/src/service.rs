@@ -710,9 +710,12 @@ impl Service {
         let last_attempt = attempt >= self.config.scheduler.retry_back_to_source_limit
             || attempt >= self.config.scheduler.retry_limit;
         let started = Instant::now();
-        let scheduled =
-            st.res
-                .schedule_with(peer_id, &self.limits(), last_attempt, &mut rand::thread_rng());
+        let scheduled = st.res.schedule_with(
+            peer_id,
+            &self.limits(),
+            last_attempt,
+            &mut rand::thread_rng(),
+        );
         self.metrics
             .schedule_duration_milliseconds
             .with_label_values(&[reason])

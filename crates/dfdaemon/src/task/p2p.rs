@@ -2,10 +2,10 @@
 //! several parents at once (SyncPieces for availability, Vortex for bytes), or go back to
 //! source when the scheduler says so or is gone.
 //!
-//! Piece choice is rarest-first among what the current parents offer (random among ties),
-//! parent choice prefers normal peers over the seed and weighs idle upload bandwidth, and the
-//! seed gets at most [`SEED_SHARE_CAP`] pieces in flight while other parents are connected, so
-//! its upload goes to pieces nobody else has yet. Every piece is CRC-checked before it is
+//! Which piece comes from which parent is [`d7y_picker`]'s decision (rarest first among the
+//! parents, the seed only for pieces no normal parent holds, in-flight budgets from each
+//! parent's measured rate); this module feeds it the parents' announcements and the
+//! fetches' outcomes, and runs the fetches. Every piece is CRC-checked before it is
 //! recorded; a parent that sends a bad piece is reported and dropped for this task.
 
 use super::sink::{PieceSink, ReadError};
@@ -15,20 +15,19 @@ use crate::error::TaskError;
 use crate::grpc::piece_to_proto;
 use crate::relay::FlightInfo;
 use crate::scheduler::{is_refusal, Announce, AnnounceStream, SchedulerError, Schedulers};
+use d7y_picker::{ParentId, Picker, Source};
 use d7y_storage::{PieceMeta, StorageError};
 use d7y_types::piece::{piece_length_for, MIN_PIECE_LENGTH};
 use d7y_types::{Digest, PieceLayout};
 use dragonfly_api::common::v2::{Peer, TrafficType};
 use dragonfly_api::dfdaemon::v2::dfdaemon_upload_client::DfdaemonUploadClient;
-use dragonfly_api::dfdaemon::v2::{SyncHostRequest, SyncPiecesRequest};
+use dragonfly_api::dfdaemon::v2::SyncPiecesRequest;
 use dragonfly_api::scheduler::v2::announce_peer_request::Request as Event;
 use dragonfly_api::scheduler::v2::announce_peer_response::Response as Reply;
 use dragonfly_api::scheduler::v2::*;
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
-use rand::seq::SliceRandom;
-use rand::Rng;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -37,13 +36,21 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-/// Pieces in flight from one parent. Few, so that each piece completes soon: k pieces
-/// sharing a parent's link each take k piece-times, and a piece is verified (and its last
-/// byte relayed, see [`crate::relay`]) only once whole. Two keep the link busy across the
-/// request round trip; a 4 MiB piece is far above a LAN's bandwidth-delay product.
-const PER_PARENT_CAP: usize = 2;
-/// Pieces in flight from a seed peer while other parents are connected.
-const SEED_SHARE_CAP: usize = 1;
+/// The picker's settings for a download of `layout` with `concurrency` fetches at most.
+/// Few pieces in flight per parent, so that each completes soon: k pieces sharing a
+/// parent's link each take k piece-times, and a piece is verified (and its last byte
+/// relayed, see [`crate::relay`]) only once whole. Two (unmeasured) keep the link busy
+/// across the request round trip; measured, a budget covers 0.35 s of the parent's rate
+/// (two 4 MiB pieces at 200 Mbit/s, one at 100). The seed gets one while other parents
+/// are connected. No endgame duplicates yet: a piece has one flight at a time here.
+fn picker_config(layout: PieceLayout, concurrency: usize) -> d7y_picker::Config {
+    d7y_picker::Config {
+        concurrency,
+        piece_length: layout.piece_length.max(1),
+        endgame_pieces: 0,
+        ..d7y_picker::Config::default()
+    }
+}
 /// Failed pieces before a parent is dropped for this task.
 const PARENT_FAILURE_LIMIT: u32 = 3;
 /// How often a downloading peer asks the scheduler for a fresher parent set.
@@ -413,25 +420,20 @@ enum ParentEvent {
         generation: u64,
         error: Option<String>,
     },
-    Idle {
-        parent: String,
-        generation: u64,
-        idle_bps: u64,
-    },
 }
 
 struct Parent {
     id: String,
     generation: u64,
+    /// Its handle in the picker (a new one each time it is added).
+    handle: ParentId,
     is_seed: bool,
     piece_addr: Option<SocketAddr>,
     available: HashSet<u32>,
-    inflight: usize,
     failures: u32,
     /// Stalls in a row ([`PARENT_STALL`] without a piece while it had fetches in flight).
     stalls: u32,
     sync_done: bool,
-    idle_bps: u64,
     pool: Arc<Mutex<Vec<d7y_vortex::Client>>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -454,9 +456,9 @@ struct Engine<'a> {
     announce: Announce,
     host_id: String,
     layout: PieceLayout,
-    have: Vec<bool>,
-    remaining: usize,
-    inflight: HashMap<u32, String>,
+    picker: Picker,
+    /// Pieces in flight and the parent fetching each.
+    inflight: HashMap<u32, (String, ParentId)>,
     parents: HashMap<String, Parent>,
     /// Parents the scheduler took back, kept with what they hold and their connections.
     retired: HashMap<String, Parent>,
@@ -464,7 +466,6 @@ struct Engine<'a> {
     failed: HashSet<String>,
     events_tx: mpsc::Sender<ParentEvent>,
     events_rx: mpsc::Receiver<ParentEvent>,
-    concurrency: usize,
     scheduler_alive: bool,
     waiting_for_parents: bool,
     next_generation: u64,
@@ -494,14 +495,11 @@ impl<'a> Engine<'a> {
             prepared.content_length.unwrap_or(0),
             Some(prepared.piece_length),
         );
-        let count = layout.piece_count() as usize;
-        let mut have = vec![false; count];
+        let concurrency = mgr.config.download.concurrent_piece_count.max(1) as usize;
+        let mut picker = Picker::new(layout.piece_count(), picker_config(layout, concurrency));
         for p in run.state().pieces.iter() {
-            if let Some(h) = have.get_mut(p.number as usize) {
-                *h = true;
-            }
+            picker.mark_held(p.number);
         }
-        let remaining = have.iter().filter(|h| !**h).count();
         let (events_tx, events_rx) = mpsc::channel(4096);
         Engine {
             mgr,
@@ -511,15 +509,13 @@ impl<'a> Engine<'a> {
             announce,
             host_id: mgr.host.host_id.clone(),
             layout,
-            have,
-            remaining,
+            picker,
             inflight: HashMap::new(),
             parents: HashMap::new(),
             retired: HashMap::new(),
             failed: HashSet::new(),
             events_tx,
             events_rx,
-            concurrency: mgr.config.download.concurrent_piece_count.max(1) as usize,
             scheduler_alive: true,
             waiting_for_parents: false,
             next_generation: 0,
@@ -558,7 +554,7 @@ impl<'a> Engine<'a> {
         }
         let held = self.run.state().pieces;
         for number in learnt {
-            if !self.have[number as usize] {
+            if !self.picker.has(number) {
                 continue;
             }
             let Some(stored) = held.iter().rev().find(|p| p.number == number) else {
@@ -576,8 +572,7 @@ impl<'a> Engine<'a> {
                 parent = stored.parent_id.as_deref().unwrap_or(""),
                 "a stored piece contradicts the seed peer's digest; fetching it again"
             );
-            self.have[number as usize] = false;
-            self.remaining += 1;
+            self.picker.lost(number);
             if let Some(parent) = stored.parent_id.clone() {
                 self.announce.send(Event::DownloadPieceFailedRequest(
                     DownloadPieceFailedRequest {
@@ -610,6 +605,7 @@ impl<'a> Engine<'a> {
                     t.abort();
                 }
                 p.sync_done = false;
+                self.picker.remove_parent(p.handle);
                 self.retired.insert(id, p);
             }
         }
@@ -637,27 +633,21 @@ impl<'a> Engine<'a> {
             if known.is_none() {
                 debug!(task_id = self.plan.task_id, parent = peer.id, "new parent");
             }
-            let tasks = vec![
-                tokio::spawn(sync_pieces(
-                    upload.clone(),
-                    self.mgr.peer_channel_options(),
-                    self.host_id.clone(),
-                    self.plan.task_id.clone(),
-                    (peer.id.clone(), generation),
-                    self.missing(),
-                    self.events_tx.clone(),
-                )),
-                tokio::spawn(sync_host(
-                    upload,
-                    self.mgr.peer_channel_options(),
-                    self.host_id.clone(),
-                    (peer.id.clone(), generation),
-                    self.events_tx.clone(),
-                )),
-            ];
+            let is_seed = known.as_ref().map_or(host.r#type != 0, |p| p.is_seed);
+            let handle = self.picker.add_parent(is_seed);
+            let tasks = vec![tokio::spawn(sync_pieces(
+                upload,
+                self.mgr.peer_channel_options(),
+                self.host_id.clone(),
+                self.plan.task_id.clone(),
+                (peer.id.clone(), generation),
+                self.missing(),
+                self.events_tx.clone(),
+            ))];
             let parent = match known {
                 Some(mut p) => {
                     p.generation = generation;
+                    p.handle = handle;
                     p.tasks = tasks;
                     p.piece_addr = p.piece_addr.or(piece_addr);
                     p
@@ -665,35 +655,35 @@ impl<'a> Engine<'a> {
                 None => Parent {
                     id: peer.id.clone(),
                     generation,
-                    is_seed: host.r#type != 0,
+                    handle,
+                    is_seed,
                     piece_addr,
                     available: HashSet::new(),
-                    inflight: 0,
                     failures: 0,
                     stalls: 0,
                     sync_done: false,
-                    idle_bps: 0,
                     pool: Arc::default(),
                     tasks,
                 },
             };
+            // What it held before it was retired, it still holds.
+            for n in &parent.available {
+                self.picker.available(handle, *n);
+            }
+            self.picker.set_usable(handle, parent.piece_addr.is_some());
             self.parents.insert(peer.id.clone(), parent);
         }
         self.waiting_for_parents = false;
     }
 
     fn missing(&self) -> Vec<u32> {
-        self.have
-            .iter()
-            .enumerate()
-            .filter(|(_, h)| !**h)
-            .map(|(n, _)| n as u32)
-            .collect()
+        self.picker.missing().collect()
     }
 
     fn drop_parent(&mut self, id: &str, why: &str) {
         self.retired.remove(id);
-        if self.parents.remove(id).is_some() {
+        if let Some(p) = self.parents.remove(id) {
+            self.picker.remove_parent(p.handle);
             debug!(
                 task_id = self.plan.task_id,
                 parent = id,
@@ -704,115 +694,27 @@ impl<'a> Engine<'a> {
         self.failed.insert(id.to_string());
     }
 
-    /// The next piece to fetch and its parent: rarest among the parents first (random among
-    /// equals), from a normal peer when one has it, weighted by idle upload bandwidth.
-    fn pick(&self, rng: &mut impl Rng) -> Option<(u32, String)> {
-        let others = self.parents.values().any(|p| !p.is_seed);
-        let usable = |p: &Parent| {
-            let cap = if p.is_seed && others {
-                SEED_SHARE_CAP
-            } else {
-                PER_PARENT_CAP
-            };
-            p.piece_addr.is_some() && p.inflight < cap
-        };
-        // Pieces a normal parent can give come first (rarest among the parents first);
-        // pieces only the seed has come second, so the seed's upload goes to what nobody
-        // else can give.
-        let mut from_peers: (usize, Vec<u32>) = (usize::MAX, Vec::new());
-        let mut from_seed: (usize, Vec<u32>) = (usize::MAX, Vec::new());
-        for (n, have) in self.have.iter().enumerate() {
-            let n = n as u32;
-            if *have || self.inflight.contains_key(&n) {
-                continue;
-            }
-            let mut holders = 0;
-            let (mut normal_holder, mut normal_usable, mut seed_usable) = (false, false, false);
-            for p in self.parents.values() {
-                if p.available.contains(&n) {
-                    holders += 1;
-                    normal_holder |= !p.is_seed;
-                    if usable(p) {
-                        if p.is_seed {
-                            seed_usable = true;
-                        } else {
-                            normal_usable = true;
-                        }
-                    }
-                }
-            }
-            let bucket = if normal_usable {
-                &mut from_peers
-            } else if normal_holder {
-                // A busy peer has it: wait for that peer rather than spend the seed.
-                continue;
-            } else if seed_usable {
-                &mut from_seed
-            } else {
-                continue;
-            };
-            if holders < bucket.0 {
-                *bucket = (holders, Vec::new());
-            }
-            if holders == bucket.0 {
-                bucket.1.push(n);
-            }
-        }
-        let best = if from_peers.1.is_empty() {
-            from_seed.1
-        } else {
-            from_peers.1
-        };
-        // A reader streaming the content in order waits for one piece: it goes first, on
-        // the same terms (from a normal parent, or from the seed when no peer has it).
-        let wanted = self.run.wanted().filter(|n| self.demand_ok(*n, &usable));
-        let number = match wanted {
-            Some(n) => n,
-            None => *best.choose(rng)?,
-        };
-        let holders: Vec<&Parent> = self
-            .parents
-            .values()
-            .filter(|p| p.available.contains(&number) && usable(p))
-            .collect();
-        let normal: Vec<&Parent> = holders.iter().copied().filter(|p| !p.is_seed).collect();
-        let pool = if normal.is_empty() { holders } else { normal };
-        let weights: Vec<f64> = pool
-            .iter()
-            .map(|p| (p.idle_bps.max(1) as f64) / (1 + p.inflight) as f64)
-            .collect();
-        let total: f64 = weights.iter().sum();
-        let mut x = rng.gen::<f64>() * total;
-        for (p, w) in pool.iter().zip(&weights) {
-            if x < *w {
-                return Some((number, p.id.clone()));
-            }
-            x -= w;
-        }
-        pool.last().map(|p| (number, p.id.clone()))
-    }
-
-    /// Whether piece `n` may be fetched now: missing, not in flight, and held by a usable
-    /// normal parent, or by a usable seed when no normal parent holds it.
-    fn demand_ok(&self, n: u32, usable: &impl Fn(&Parent) -> bool) -> bool {
-        if self.have.get(n as usize) != Some(&false) || self.inflight.contains_key(&n) {
-            return false;
-        }
-        let holders = || self.parents.values().filter(|p| p.available.contains(&n));
-        holders().any(|p| !p.is_seed && usable(p))
-            || (!holders().any(|p| !p.is_seed) && holders().any(|p| p.is_seed && usable(p)))
-    }
-
     fn dispatch(&mut self) {
         let mut rng = rand::thread_rng();
-        while self.inflight.len() < self.concurrency {
-            let Some((number, parent_id)) = self.pick(&mut rng) else {
+        // A reader streaming the content in order waits for one piece: it goes first.
+        while let Some((number, source)) = self.picker.next(self.run.wanted(), &mut rng) {
+            let Source::Parent(handle) = source else {
+                // The origin has no budget here (it is not a source of this loop yet).
+                self.picker.failed(number, source);
                 break;
             };
-            let parent = self.parents.get_mut(&parent_id).expect("picked");
-            parent.inflight += 1;
-            self.inflight.insert(number, parent_id.clone());
-            let addr = parent.piece_addr.expect("usable");
+            let Some(parent) = self.parents.values().find(|p| p.handle == handle) else {
+                self.picker.failed(number, source);
+                break;
+            };
+            let (parent_id, addr) = match parent.piece_addr {
+                Some(addr) => (parent.id.clone(), addr),
+                None => {
+                    self.picker.failed(number, source);
+                    break;
+                }
+            };
+            self.inflight.insert(number, (parent_id.clone(), handle));
             let pool = parent.pool.clone();
             let fut = fetch_piece(
                 self.mgr,
@@ -842,7 +744,7 @@ impl<'a> Engine<'a> {
     }
 
     fn stuck(&self) -> bool {
-        self.remaining > 0 && self.inflight.is_empty()
+        !self.picker.is_done() && self.inflight.is_empty()
     }
 
     fn parents_exhausted(&self) -> bool {
@@ -886,7 +788,7 @@ impl<'a> Engine<'a> {
         let mut stall_check = tokio::time::interval(Duration::from_millis(250));
         loop {
             self.dispatch();
-            if self.remaining == 0 && self.inflight.is_empty() {
+            if self.picker.is_done() && self.inflight.is_empty() {
                 return Ok(());
             }
             if self.stuck() && self.parents_exhausted() {
@@ -921,7 +823,7 @@ impl<'a> Engine<'a> {
                         Err(status) => self.scheduler_lost(status.message()),
                     }
                 }
-                _ = refresh.tick(), if self.scheduler_alive && self.remaining > 0 => {
+                _ = refresh.tick(), if self.scheduler_alive && !self.picker.is_done() => {
                     self.announce.send(Event::ReschedulePeerRequest(ReschedulePeerRequest {
                         candidate_parents: Vec::new(),
                         description: Some("refresh".into()),
@@ -933,7 +835,7 @@ impl<'a> Engine<'a> {
                         self.received_seen = received;
                         self.last_progress = Instant::now();
                     }
-                    if self.scheduler_alive && self.remaining > 0 && self.last_progress.elapsed() > PARENT_STALL {
+                    if self.scheduler_alive && !self.picker.is_done() && self.last_progress.elapsed() > PARENT_STALL {
                         self.parents_stalled();
                     }
                     if !self.scheduler_alive && self.stuck() && self.last_progress.elapsed() > ORPHAN_STALL {
@@ -959,7 +861,7 @@ impl<'a> Engine<'a> {
     /// announce pieces they never send, or hold nothing needed), they are all dropped. In
     /// both cases the scheduler is asked for others when a parent was dropped.
     fn parents_stalled(&mut self) {
-        let busy: HashSet<String> = self.inflight.values().cloned().collect();
+        let busy: HashSet<String> = self.inflight.values().map(|(id, _)| id.clone()).collect();
         let stalled: Vec<String> = if busy.is_empty() {
             self.parents.keys().cloned().collect()
         } else {
@@ -985,7 +887,7 @@ impl<'a> Engine<'a> {
             self.drop_parent(id, "stalled");
         }
         // The stuck fetches end as failures, and their pieces are fetched again.
-        for (number, parent) in &self.inflight {
+        for (number, (parent, _)) in &self.inflight {
             if busy.contains(parent) {
                 if let Some(handle) = self.aborts.get(number) {
                     handle.abort();
@@ -1015,9 +917,6 @@ impl<'a> Engine<'a> {
             }
             | ParentEvent::SyncEnded {
                 parent, generation, ..
-            }
-            | ParentEvent::Idle {
-                parent, generation, ..
             } => (parent.clone(), *generation),
         };
         let Some(p) = self
@@ -1029,14 +928,17 @@ impl<'a> Engine<'a> {
         };
         match event {
             ParentEvent::Available { number, addr, .. } => {
-                p.available.insert(number);
+                if number < self.layout.piece_count() {
+                    p.available.insert(number);
+                }
+                self.picker.available(p.handle, number);
                 if let Some(addr) = addr {
                     p.piece_addr = Some(addr);
+                    self.picker.set_usable(p.handle, true);
                 }
             }
             ParentEvent::SyncEnded { error: None, .. } => p.sync_done = true,
             ParentEvent::SyncEnded { error: Some(e), .. } => self.drop_parent(&parent, &e),
-            ParentEvent::Idle { idle_bps, .. } => p.idle_bps = idle_bps,
         }
     }
 
@@ -1046,20 +948,17 @@ impl<'a> Engine<'a> {
         parent_id: &str,
         result: Result<PieceMeta, FetchError>,
     ) -> Result<(), TaskError> {
-        self.inflight.remove(&number);
+        let handle = self.inflight.remove(&number).map(|(_, h)| h);
         self.aborts.remove(&number);
-        if let Some(p) = self
-            .parents
-            .get_mut(parent_id)
-            .or_else(|| self.retired.get_mut(parent_id))
-        {
-            p.inflight = p.inflight.saturating_sub(1);
-        }
+        let source = handle.map(Source::Parent);
         match result {
             Ok(piece) => {
-                if !self.have[number as usize] {
-                    self.have[number as usize] = true;
-                    self.remaining -= 1;
+                match source {
+                    Some(source) => {
+                        let secs = piece.cost_millis as f64 / 1000.0;
+                        self.picker.finished(number, source, piece.length, secs);
+                    }
+                    None => self.picker.mark_held(number),
                 }
                 self.last_progress = Instant::now();
                 if let Some(p) = self.parents.get_mut(parent_id) {
@@ -1074,6 +973,9 @@ impl<'a> Engine<'a> {
             }
             Err(FetchError::Storage(e)) => return Err(e.into()),
             Err(err) => {
+                if let Some(source) = source {
+                    self.picker.failed(number, source);
+                }
                 let metrics = &self.mgr.metrics;
                 metrics
                     .download_piece_failure_total
@@ -1095,6 +997,7 @@ impl<'a> Engine<'a> {
                     FetchError::NotFound => {
                         if let Some(p) = self.parents.get_mut(parent_id) {
                             p.available.remove(&number);
+                            self.picker.unavailable(p.handle, number);
                         }
                     }
                     _ => {
@@ -1173,47 +1076,6 @@ async fn sync_pieces(
             error: result.err(),
         })
         .await;
-}
-
-/// Follows a parent's idle upload bandwidth (SyncHost); silent on errors (the weight just
-/// stays at its default).
-async fn sync_host(
-    upload: String,
-    options: d7y_net::ChannelOptions,
-    host_id: String,
-    (parent, generation): (String, u64),
-    events: mpsc::Sender<ParentEvent>,
-) {
-    let Ok(channel) = d7y_net::channel(&upload, &options).await else {
-        return;
-    };
-    let Ok(response) = DfdaemonUploadClient::new(channel)
-        .sync_host(SyncHostRequest {
-            host_id,
-            peer_id: String::new(),
-        })
-        .await
-    else {
-        return;
-    };
-    let mut stream = response.into_inner();
-    while let Ok(Some(host)) = stream.message().await {
-        let Some(net) = host.network else { continue };
-        let idle = net
-            .max_tx_bandwidth
-            .saturating_sub(net.tx_bandwidth.unwrap_or(0));
-        if events
-            .send(ParentEvent::Idle {
-                parent: parent.clone(),
-                generation,
-                idle_bps: idle,
-            })
-            .await
-            .is_err()
-        {
-            return;
-        }
-    }
 }
 
 /// Fetches one piece over Vortex into the content file, checks its CRC, records it.

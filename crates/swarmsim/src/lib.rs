@@ -1,0 +1,648 @@
+//! A swarm simulator: the real scheduler model ([`d7y_scheduler::resource::Resources`] and
+//! its parent choice) and the real piece picker ([`d7y_picker::Picker`]) driven against a
+//! flow-level network model ([`flow`]: per-host upload and download rates, max-min fair
+//! sharing) in simulated time. What it leaves out, and so what the residual against the
+//! emulated-host benchmark is made of: TCP's ramp-up and loss recovery, request round
+//! trips, the daemons' CPU and disk, and the cut-through relay (a piece is announced to
+//! children once whole here; the daemon announces it as soon as its header arrives).
+//!
+//! The seed peer is modelled as the daemon runs it: it fetches the task from the origin
+//! (a source of `origin_bps`, ranged reads `concurrency` at a time) and deals each fresh
+//! piece to one child first (super-seeding: others are offered it 12 s after it was first
+//! served, or 30 s after it arrived).
+
+pub mod flow;
+
+use d7y_picker::{ParentId, Picker, Source};
+use d7y_scheduler::resource::{Limits, Resources};
+use d7y_scheduler::scheduling::PeerState;
+use dragonfly_api::common::v2 as common;
+use flow::Flow;
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+/// The seed's super-seeding waits (as `dfdaemon::superseed`).
+const RELAY_GRACE: f64 = 12.0;
+const MAX_DEFER: f64 = 30.0;
+
+/// One downloading host: link rates in bits per second, and when it starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostSpec {
+    pub up_bps: f64,
+    pub down_bps: f64,
+    pub join: f64,
+}
+
+/// One simulated run.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub name: String,
+    pub size: u64,
+    pub piece_length: u64,
+    /// The seed host's upload (bits/s).
+    pub seed_up_bps: f64,
+    /// The origin's rate towards the seed peer (bits/s).
+    pub origin_bps: f64,
+    pub hosts: Vec<HostSpec>,
+    pub limits: Limits,
+    /// How often a downloading peer asks for a fresh parent set (s).
+    pub refresh: f64,
+    /// Simulated time step (s).
+    pub dt: f64,
+    /// Hosts announce their link rates to the scheduler (else the scheduler sees none).
+    pub announce_rates: bool,
+    /// Fetches in flight per peer.
+    pub concurrency: usize,
+    /// Kill this host (index into `hosts`) at this time: churn.
+    pub kill: Option<(usize, f64)>,
+    pub rng_seed: u64,
+}
+
+impl Scenario {
+    /// `n` hosts at `rate_bps` both ways, all at time 0, with the daemon's defaults.
+    pub fn equal(n: usize, size: u64, rate_bps: f64) -> Scenario {
+        Scenario {
+            name: format!("equal N={n}"),
+            size,
+            piece_length: 4 << 20,
+            seed_up_bps: rate_bps,
+            origin_bps: 2e9,
+            hosts: vec![
+                HostSpec {
+                    up_bps: rate_bps,
+                    down_bps: rate_bps,
+                    join: 0.0,
+                };
+                n
+            ],
+            limits: Limits {
+                candidate_parents: 8,
+                filter_parents: 40,
+                max_children: 8,
+            },
+            refresh: 0.5,
+            dt: 0.01,
+            announce_rates: true,
+            concurrency: 16,
+            kill: None,
+            rng_seed: 1,
+        }
+    }
+
+    /// The Kumar–Ross lower bound on the last completion (s) with every host joining at 0:
+    /// max(F/u_s, F/d_min, N·F/(u_s + Σu_i)).
+    pub fn bound(&self) -> f64 {
+        let f = self.size as f64 * 8.0;
+        let d_min = self
+            .hosts
+            .iter()
+            .map(|h| h.down_bps)
+            .fold(f64::INFINITY, f64::min);
+        let total_up: f64 = self.seed_up_bps + self.hosts.iter().map(|h| h.up_bps).sum::<f64>();
+        (f / self.seed_up_bps)
+            .max(f / d_min)
+            .max(self.hosts.len() as f64 * f / total_up)
+    }
+
+    /// A per-host lower bound: no host finishes before `join + F/d_i`, nor before the
+    /// swarm bound.
+    pub fn host_bound(&self, i: usize) -> f64 {
+        let h = &self.hosts[i];
+        (h.join + self.size as f64 * 8.0 / h.down_bps).max(self.bound())
+    }
+}
+
+/// What one run measured.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub name: String,
+    /// Completion time of each surviving host (s since time 0), by host index.
+    pub finished: Vec<Option<f64>>,
+    pub bound: f64,
+    /// Bytes the origin sent (to the seed peer and to peers sent back to source).
+    pub origin_bytes: u64,
+    /// Bytes each host received from the seed peer and from other peers.
+    pub from_seed: Vec<u64>,
+    pub from_peers: Vec<u64>,
+    pub seed_upload: u64,
+    pub schedules: u64,
+    pub schedule_time: Duration,
+    pub wall: Duration,
+    pub simulated: f64,
+}
+
+impl Report {
+    /// Completion times of the hosts that finished, sorted.
+    pub fn sorted(&self) -> Vec<f64> {
+        let mut v: Vec<f64> = self.finished.iter().flatten().copied().collect();
+        v.sort_by(f64::total_cmp);
+        v
+    }
+
+    pub fn p50(&self) -> f64 {
+        quantile(&self.sorted(), 0.5)
+    }
+
+    pub fn p99(&self) -> f64 {
+        quantile(&self.sorted(), 0.99)
+    }
+
+    pub fn max(&self) -> f64 {
+        self.sorted().last().copied().unwrap_or(f64::NAN)
+    }
+
+    /// The smallest share of its bytes a finished host took from other peers.
+    pub fn min_peer_share(&self) -> f64 {
+        self.from_peers
+            .iter()
+            .zip(&self.from_seed)
+            .zip(&self.finished)
+            .filter(|(_, f)| f.is_some())
+            .map(|((p, s), _)| *p as f64 / (*p + *s).max(1) as f64)
+            .fold(1.0, f64::min)
+    }
+}
+
+/// Nearest-rank quantile of sorted values.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+const TASK: &str = "5d41402abc4b2a76b9719d911017c592ae3ea9f1f0b8a1b0b0d8f2b1c3e4f5a6";
+
+struct Fetching {
+    to: usize,
+    /// Host index the bytes come from (`origin` for the origin).
+    from: usize,
+    piece: u32,
+    source: Source,
+    left: f64,
+    bytes: u64,
+    started: f64,
+}
+
+struct Node {
+    picker: Picker,
+    /// Current parents: host index -> handle.
+    parents: HashMap<usize, ParentId>,
+    joined: bool,
+    alive: bool,
+    done: Option<f64>,
+    last_schedule: f64,
+    failures: u32,
+}
+
+/// Runs a scenario to completion (or to `limit` simulated seconds).
+pub fn run(sc: &Scenario, limit: f64) -> Report {
+    let wall = Instant::now();
+    let n = sc.hosts.len();
+    let seed = n; // host index of the seed peer
+    let origin = n + 1; // pseudo-host of the origin
+    let count = sc.size.div_ceil(sc.piece_length) as u32;
+    let piece_bytes = |p: u32| -> u64 {
+        let off = p as u64 * sc.piece_length;
+        sc.piece_length.min(sc.size - off)
+    };
+    let bytes_per_s = |bits: f64| bits / 8.0;
+    let mut up = vec![0.0; n + 2];
+    let mut down = vec![0.0; n + 2];
+    for (i, h) in sc.hosts.iter().enumerate() {
+        up[i] = bytes_per_s(h.up_bps);
+        down[i] = bytes_per_s(h.down_bps);
+    }
+    up[seed] = bytes_per_s(sc.seed_up_bps);
+    down[seed] = bytes_per_s(sc.origin_bps);
+    up[origin] = bytes_per_s(sc.origin_bps);
+    down[origin] = 0.0;
+
+    let mut rng = SmallRng::seed_from_u64(sc.rng_seed);
+    let mut res = Resources::default();
+    let host_proto = |i: usize, seed_host: bool, upb: f64, downb: f64| common::Host {
+        id: format!("h{i}"),
+        r#type: seed_host as u32,
+        ip: format!("10.0.{}.{}", i / 250, i % 250 + 1),
+        network: sc.announce_rates.then(|| common::Network {
+            max_tx_bandwidth: upb as u64,
+            max_rx_bandwidth: downb as u64,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let download = common::Download {
+        url: "http://origin/file".into(),
+        actual_content_length: Some(sc.size),
+        actual_piece_length: Some(sc.piece_length),
+        actual_piece_count: Some(count as u64),
+        ..Default::default()
+    };
+    let peer_id = |i: usize| format!("p{i}");
+    res.announce_host(host_proto(seed, true, sc.seed_up_bps, sc.origin_bps));
+    res.register_peer(&format!("h{seed}"), TASK, &peer_id(seed), &download)
+        .expect("seed registers");
+    res.peer_mut(&peer_id(seed)).expect("seed").state = PeerState::BackToSource;
+
+    let picker_cfg = d7y_picker::Config {
+        concurrency: sc.concurrency,
+        piece_length: sc.piece_length,
+        ..d7y_picker::Config::default()
+    };
+    let mut nodes: Vec<Node> = (0..=n)
+        .map(|_| Node {
+            picker: Picker::new(count, picker_cfg.clone()),
+            parents: HashMap::new(),
+            joined: false,
+            alive: true,
+            done: None,
+            last_schedule: f64::NEG_INFINITY,
+            failures: 0,
+        })
+        .collect();
+    nodes[seed].joined = true;
+    nodes[seed].picker.set_origin_budget(sc.concurrency as u32);
+    // Who takes from whom: parent host -> children hosts.
+    let mut subs: Vec<HashSet<usize>> = vec![HashSet::new(); n + 1];
+    // The seed's super-seeding: its children in arrival order, pieces dealt, first served,
+    // arrival times, and pending offers (time, child, piece).
+    let mut seed_children: Vec<usize> = Vec::new();
+    let mut dealt: HashMap<u32, usize> = HashMap::new();
+    let mut served: HashMap<u32, f64> = HashMap::new();
+    let mut arrived: HashMap<u32, f64> = HashMap::new();
+    let mut offers: Vec<(f64, usize, u32)> = Vec::new();
+
+    let mut report = Report {
+        name: sc.name.clone(),
+        finished: vec![None; n],
+        bound: sc.bound(),
+        from_seed: vec![0; n],
+        from_peers: vec![0; n],
+        ..Default::default()
+    };
+    let mut fetches: Vec<Fetching> = Vec::new();
+    let mut flows: Vec<Flow> = Vec::new();
+    let mut rates: Vec<f64> = Vec::new();
+    let mut t = 0.0;
+
+    // When the seed may offer piece `p` to `child` (None: now).
+    let seed_release = |child: usize,
+                        p: u32,
+                        t: f64,
+                        seed_children: &[usize],
+                        dealt: &mut HashMap<u32, usize>,
+                        served: &HashMap<u32, f64>,
+                        arrived: &HashMap<u32, f64>|
+     -> Option<f64> {
+        let age = t - arrived.get(&p).copied().unwrap_or(t);
+        if age >= MAX_DEFER || seed_children.len() <= 1 {
+            return None;
+        }
+        let owner = match dealt.get(&p) {
+            Some(o) => *o,
+            None if served.contains_key(&p) => return None,
+            None => {
+                let o = seed_children[p as usize % seed_children.len()];
+                dealt.insert(p, o);
+                o
+            }
+        };
+        if owner == child {
+            return None;
+        }
+        let cap = t + (MAX_DEFER - age);
+        match served.get(&p) {
+            Some(first) => {
+                let at = first + RELAY_GRACE;
+                (at > t).then_some(at.min(cap))
+            }
+            None => Some(cap),
+        }
+    };
+
+    while t < limit {
+        // Churn.
+        if let Some((victim, at)) = sc.kill {
+            if t >= at && nodes[victim].alive {
+                nodes[victim].alive = false;
+                res.remove_peer(&peer_id(victim));
+                for c in std::mem::take(&mut subs[victim]) {
+                    if let Some(h) = nodes[c].parents.remove(&victim) {
+                        nodes[c].picker.remove_parent(h);
+                    }
+                }
+                fetches.retain(|f| {
+                    if f.from == victim {
+                        nodes[f.to].picker.failed(f.piece, f.source);
+                        false
+                    } else {
+                        f.to != victim
+                    }
+                });
+                seed_children.retain(|c| *c != victim);
+                dealt.retain(|_, o| *o != victim);
+            }
+        }
+        // Joins and parent sets.
+        for i in 0..n {
+            let node = &mut nodes[i];
+            if !node.alive || node.done.is_some() {
+                continue;
+            }
+            if !node.joined {
+                if sc.hosts[i].join > t {
+                    continue;
+                }
+                node.joined = true;
+                let h = &sc.hosts[i];
+                res.announce_host(host_proto(i, false, h.up_bps, h.down_bps));
+                res.register_peer(&format!("h{i}"), TASK, &peer_id(i), &download)
+                    .expect("peer registers");
+                res.peer_mut(&peer_id(i)).expect("peer").state = PeerState::Running;
+            }
+            if t - node.last_schedule < sc.refresh - 1e-9 {
+                continue;
+            }
+            node.last_schedule = t;
+            let started = Instant::now();
+            let allow_full = node.failures >= 4;
+            let scheduled = res
+                .schedule_with(&peer_id(i), &sc.limits, allow_full, &mut rng)
+                .expect("known peer");
+            report.schedule_time += started.elapsed();
+            report.schedules += 1;
+            if scheduled.parents.is_empty() {
+                node.failures += 1;
+                if node.failures >= 5 && node.parents.is_empty() {
+                    node.picker.set_origin_budget(sc.concurrency as u32);
+                }
+                continue;
+            }
+            node.failures = 0;
+            let wanted: HashSet<usize> = scheduled
+                .parents
+                .iter()
+                .map(|id| id[1..].parse::<usize>().expect("p<index>"))
+                .collect();
+            let node = &mut nodes[i];
+            let leaving: Vec<usize> = node
+                .parents
+                .keys()
+                .filter(|p| !wanted.contains(p))
+                .copied()
+                .collect();
+            for p in leaving {
+                let h = node.parents.remove(&p).expect("listed");
+                node.picker.remove_parent(h);
+                subs[p].remove(&i);
+                if p == seed {
+                    seed_children.retain(|c| *c != i);
+                    dealt.retain(|_, o| *o != i);
+                }
+            }
+            for p in wanted {
+                if nodes[i].parents.contains_key(&p) {
+                    continue;
+                }
+                let h = nodes[i].picker.add_parent(p == seed);
+                nodes[i].picker.set_usable(h, true);
+                nodes[i].parents.insert(p, h);
+                subs[p].insert(i);
+                if p == seed && !seed_children.contains(&i) {
+                    seed_children.push(i);
+                }
+                // The new parent's SyncPieces: what it holds now (the seed: what it offers).
+                let held: Vec<u32> = nodes_has(&nodes[p].picker);
+                for piece in held {
+                    if p == seed {
+                        match seed_release(
+                            i,
+                            piece,
+                            t,
+                            &seed_children,
+                            &mut dealt,
+                            &served,
+                            &arrived,
+                        ) {
+                            None => nodes[i].picker.available(h, piece),
+                            Some(at) => offers.push((at, i, piece)),
+                        }
+                    } else {
+                        nodes[i].picker.available(h, piece);
+                    }
+                }
+            }
+        }
+        // Due offers from the seed.
+        if !offers.is_empty() {
+            let mut due = Vec::new();
+            offers.retain(|o| {
+                if o.0 <= t {
+                    due.push(*o);
+                    false
+                } else {
+                    true
+                }
+            });
+            for (_, child, piece) in due {
+                let Some(h) = nodes[child].parents.get(&seed).copied() else {
+                    continue;
+                };
+                match seed_release(
+                    child,
+                    piece,
+                    t,
+                    &seed_children,
+                    &mut dealt,
+                    &served,
+                    &arrived,
+                ) {
+                    None => nodes[child].picker.available(h, piece),
+                    Some(at) => offers.push((at, child, piece)),
+                }
+            }
+        }
+        // Dispatch.
+        for (i, node) in nodes.iter_mut().enumerate() {
+            if !node.alive || !node.joined || node.done.is_some() {
+                continue;
+            }
+            while let Some((piece, source)) = node.picker.next(None, &mut rng) {
+                let from = match source {
+                    Source::Origin => origin,
+                    Source::Parent(h) => *node
+                        .parents
+                        .iter()
+                        .find(|(_, v)| **v == h)
+                        .map(|(k, _)| k)
+                        .expect("a current parent"),
+                };
+                if from == seed && !served.contains_key(&piece) {
+                    served.insert(piece, t);
+                    for c in &seed_children {
+                        offers.push((t + RELAY_GRACE, *c, piece));
+                    }
+                }
+                let bytes = piece_bytes(piece);
+                fetches.push(Fetching {
+                    to: i,
+                    from,
+                    piece,
+                    source,
+                    left: bytes as f64,
+                    bytes,
+                    started: t,
+                });
+            }
+        }
+        // Rates and progress.
+        flows.clear();
+        flows.extend(fetches.iter().map(|f| Flow {
+            from: f.from,
+            to: f.to,
+        }));
+        flow::allocate(&up, &down, &flows, &mut rates);
+        t += sc.dt;
+        let mut any_done = false;
+        for (f, r) in fetches.iter_mut().zip(&rates) {
+            f.left -= r * sc.dt;
+            any_done |= f.left <= 0.0;
+        }
+        if any_done {
+            let mut finished: Vec<Fetching> = Vec::new();
+            let mut i = 0;
+            while i < fetches.len() {
+                if fetches[i].left <= 0.0 {
+                    finished.push(fetches.swap_remove(i));
+                } else {
+                    i += 1;
+                }
+            }
+            for f in finished {
+                let node = &mut nodes[f.to];
+                if node.picker.has(f.piece) {
+                    continue; // a cancelled endgame loser
+                }
+                let losers = node
+                    .picker
+                    .finished(f.piece, f.source, f.bytes, t - f.started);
+                if !losers.is_empty() {
+                    fetches.retain(|g| !(g.to == f.to && g.piece == f.piece));
+                }
+                if f.from == origin {
+                    report.origin_bytes += f.bytes;
+                } else if f.from == seed {
+                    report.seed_upload += f.bytes;
+                    if f.to < n {
+                        report.from_seed[f.to] += f.bytes;
+                    }
+                } else if f.to < n {
+                    report.from_peers[f.to] += f.bytes;
+                }
+                if f.to == seed {
+                    arrived.insert(f.piece, t);
+                }
+                let done = node.picker.is_done();
+                {
+                    let peer = res.peer_mut(&peer_id(f.to)).expect("alive");
+                    peer.pieces.insert(f.piece);
+                    if done {
+                        peer.state = PeerState::Succeeded;
+                    }
+                }
+                if done {
+                    node.done = Some(t);
+                    if f.to < n {
+                        report.finished[f.to] = Some(t);
+                    }
+                }
+                // The children's SyncPieces streams.
+                let children: Vec<usize> = subs[f.to].iter().copied().collect();
+                for c in children {
+                    let Some(h) = nodes[c].parents.get(&f.to).copied() else {
+                        continue;
+                    };
+                    if f.to == seed {
+                        match seed_release(
+                            c,
+                            f.piece,
+                            t,
+                            &seed_children,
+                            &mut dealt,
+                            &served,
+                            &arrived,
+                        ) {
+                            None => nodes[c].picker.available(h, f.piece),
+                            Some(at) => offers.push((at, c, f.piece)),
+                        }
+                    } else {
+                        nodes[c].picker.available(h, f.piece);
+                    }
+                }
+            }
+        }
+        let all_done = (0..n).all(|i| !nodes[i].alive || nodes[i].done.is_some());
+        if all_done && (0..n).all(|i| nodes[i].joined || !nodes[i].alive) {
+            break;
+        }
+    }
+    report.simulated = t;
+    report.wall = wall.elapsed();
+    report
+}
+
+fn nodes_has(p: &Picker) -> Vec<u32> {
+    (0..p.piece_count()).filter(|n| p.has(*n)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_small_equal_swarm_finishes_near_the_bound_with_one_origin_copy() {
+        let sc = Scenario::equal(4, 64 << 20, 200e6);
+        let r = run(&sc, 600.0);
+        assert!(r.finished.iter().all(|f| f.is_some()), "{r:?}");
+        assert_eq!(r.origin_bytes, 64 << 20);
+        let ratio = r.max() / r.bound;
+        assert!(
+            (1.0..1.6).contains(&ratio),
+            "max {} bound {}",
+            r.max(),
+            r.bound
+        );
+        assert!(
+            r.min_peer_share() >= 0.5,
+            "{:?} {:?}",
+            r.from_peers,
+            r.from_seed
+        );
+    }
+
+    #[test]
+    fn the_bound_table() {
+        let mut sc = Scenario::equal(4, 1 << 30, 100e6);
+        let f = (1u64 << 30) as f64 * 8.0;
+        assert!((sc.bound() - f / 100e6).abs() < 1e-9);
+        // A slow host sets the bound by its download.
+        sc.hosts[0].down_bps = 25e6;
+        assert!((sc.bound() - f / 25e6).abs() < 1e-9);
+        // A slow seed with many fast hosts: the seed's upload.
+        let mut sc = Scenario::equal(2, 1 << 30, 100e6);
+        sc.seed_up_bps = 10e6;
+        assert!((sc.bound() - f / 10e6).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_killed_parent_does_not_stop_the_others() {
+        let mut sc = Scenario::equal(6, 64 << 20, 200e6);
+        sc.kill = Some((0, 1.0));
+        let r = run(&sc, 600.0);
+        assert!(r.finished[0].is_none());
+        assert!(r.finished[1..].iter().all(|f| f.is_some()), "{r:?}");
+    }
+}
