@@ -106,11 +106,16 @@ impl Scenario {
             .max(self.hosts.len() as f64 * f / total_up)
     }
 
-    /// A per-host lower bound: no host finishes before `join + F/d_i`, nor before the
-    /// swarm bound.
+    /// A per-host lower bound: no host finishes before `join + F/d_i`, before the seed
+    /// sent one copy (F/u_s), or before the swarm's total upload moved N copies; a slow
+    /// host's download bounds only that host.
     pub fn host_bound(&self, i: usize) -> f64 {
         let h = &self.hosts[i];
-        (h.join + self.size as f64 * 8.0 / h.down_bps).max(self.bound())
+        let f = self.size as f64 * 8.0;
+        let total_up: f64 = self.seed_up_bps + self.hosts.iter().map(|h| h.up_bps).sum::<f64>();
+        (h.join + f / h.down_bps)
+            .max(f / self.seed_up_bps)
+            .max(self.hosts.len() as f64 * f / total_up)
     }
 }
 
@@ -343,6 +348,10 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                     }
                 });
                 seed_children.retain(|c| *c != victim);
+                // Its dealt pieces are everyone's now (the seed's `leave`).
+                for (p, _) in dealt.iter().filter(|(_, o)| **o == victim) {
+                    offers.extend(seed_children.iter().map(|c| (t, *c, *p)));
+                }
                 dealt.retain(|_, o| *o != victim);
             }
         }
@@ -400,6 +409,9 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                 subs[p].remove(&i);
                 if p == seed {
                     seed_children.retain(|c| *c != i);
+                    for (piece, _) in dealt.iter().filter(|(_, o)| **o == i) {
+                        offers.extend(seed_children.iter().map(|c| (t, *c, *piece)));
+                    }
                     dealt.retain(|_, o| *o != i);
                 }
             }
