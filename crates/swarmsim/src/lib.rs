@@ -347,12 +347,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                         f.to != victim
                     }
                 });
-                seed_children.retain(|c| *c != victim);
-                // Its dealt pieces are everyone's now (the seed's `leave`).
-                for (p, _) in dealt.iter().filter(|(_, o)| **o == victim) {
-                    offers.extend(seed_children.iter().map(|c| (t, *c, *p)));
-                }
-                dealt.retain(|_, o| *o != victim);
+                leave_seed(victim, t, &mut seed_children, &mut dealt, &mut offers);
             }
         }
         // Joins and parent sets.
@@ -408,11 +403,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                 node.picker.remove_parent(h);
                 subs[p].remove(&i);
                 if p == seed {
-                    seed_children.retain(|c| *c != i);
-                    for (piece, _) in dealt.iter().filter(|(_, o)| **o == i) {
-                        offers.extend(seed_children.iter().map(|c| (t, *c, *piece)));
-                    }
-                    dealt.retain(|_, o| *o != i);
+                    leave_seed(i, t, &mut seed_children, &mut dealt, &mut offers);
                 }
             }
             for p in wanted {
@@ -604,6 +595,22 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
     report.simulated = t;
     report.wall = wall.elapsed();
     report
+}
+
+/// `child` stops taking from the seed: the pieces dealt to it are offered to the other
+/// children now (the seed's `leave`).
+fn leave_seed(
+    child: usize,
+    t: f64,
+    seed_children: &mut Vec<usize>,
+    dealt: &mut HashMap<u32, usize>,
+    offers: &mut Vec<(f64, usize, u32)>,
+) {
+    seed_children.retain(|c| *c != child);
+    for (piece, _) in dealt.iter().filter(|(_, o)| **o == child) {
+        offers.extend(seed_children.iter().map(|c| (t, *c, *piece)));
+    }
+    dealt.retain(|_, o| *o != child);
 }
 
 fn nodes_has(p: &Picker) -> Vec<u32> {
