@@ -283,6 +283,24 @@ impl Picker {
         ParentId(self.slots.len() as u32 - 1)
     }
 
+    /// Takes back a parent removed earlier, under the same handle: its measured rate and
+    /// the fetches it still has in flight count again, so a parent the scheduler hands
+    /// back gets no fresh budget on top of the work it is still doing. It holds nothing
+    /// (its availability is announced anew) and is usable only after
+    /// [`Picker::set_usable`]. Unknown or live handles are ignored.
+    pub fn restore_parent(&mut self, id: ParentId) {
+        let count = self.count;
+        let Some(slot) = self.slots.get_mut(id.0 as usize).filter(|s| !s.live) else {
+            return;
+        };
+        slot.live = true;
+        slot.usable = false;
+        slot.avail = Bits::new(count);
+        if !slot.is_seed {
+            self.normal_parents += 1;
+        }
+    }
+
     /// Whether the parent can be asked now (its piece address is known).
     pub fn set_usable(&mut self, id: ParentId, usable: bool) {
         if let Some(s) = self.slot_mut(id) {
@@ -332,6 +350,11 @@ impl Picker {
         }
     }
 
+    /// Changes the most fetches in flight (those already in flight stay).
+    pub fn set_concurrency(&mut self, concurrency: usize) {
+        self.cfg.concurrency = concurrency;
+    }
+
     /// Fetches the origin may have in flight (0: the origin is not a source).
     pub fn set_origin_budget(&mut self, budget: u32) {
         self.origin_budget = budget;
@@ -365,11 +388,12 @@ impl Picker {
         if self.inflight >= self.cfg.concurrency || self.missing_count == 0 {
             return None;
         }
+        let salt: u64 = rng.gen();
         let choice = wanted
             .filter(|n| *n < self.count && self.idle.get(*n))
-            .and_then(|n| self.source_for(n).map(|s| (n, s)))
-            .or_else(|| self.pick_fresh(rng))
-            .or_else(|| self.pick_endgame());
+            .and_then(|n| self.source_for(n, salt).map(|s| (n, s)))
+            .or_else(|| self.pick_fresh(salt, rng))
+            .or_else(|| self.pick_endgame(salt));
         let (n, source) = choice?;
         self.start(n, source);
         Some((n, source))
@@ -423,6 +447,11 @@ impl Picker {
         self.release(source);
     }
 
+    /// Whether piece `n` is being fetched.
+    pub fn is_fetching(&self, n: u32) -> bool {
+        self.fetches.contains_key(&n)
+    }
+
     /// Sources of the fetches of `n` in flight.
     pub fn sources_of(&self, n: u32) -> Vec<Source> {
         self.fetches
@@ -461,9 +490,9 @@ impl Picker {
     }
 
     /// The best source with spare budget for idle piece `n`.
-    fn source_for(&self, n: u32) -> Option<Source> {
+    fn source_for(&self, n: u32, salt: u64) -> Option<Source> {
         let best = self
-            .parent_order()
+            .parent_order(salt)
             .into_iter()
             .find(|id| self.offers(&self.slots[id.0 as usize], n));
         if let Some(id) = best {
@@ -473,16 +502,19 @@ impl Picker {
         (!held && self.origin_spare()).then_some(Source::Origin)
     }
 
-    /// Live, usable parents with spare budget: least loaded first, faster first.
-    fn parent_order(&self) -> Vec<ParentId> {
-        let mut order: Vec<(f64, f64, ParentId)> = self
+    /// Live, usable parents with spare budget: least loaded first, faster first, and
+    /// among equals in an order drawn afresh for every pick (so that equal,
+    /// unmeasured parents share the first picks instead of the oldest handle taking them).
+    fn parent_order(&self, salt: u64) -> Vec<ParentId> {
+        let mut order: Vec<(f64, f64, u32, ParentId)> = self
             .slots
             .iter()
             .enumerate()
             .filter(|(_, s)| self.spare(s))
             .map(|(i, s)| {
                 let load = s.inflight as f64 / self.slot_budget(s) as f64;
-                (load, -s.rate.unwrap_or(0.0), ParentId(i as u32))
+                let shuffle = mix(i as u64 ^ salt);
+                (load, -s.rate.unwrap_or(0.0), shuffle, ParentId(i as u32))
             })
             .collect();
         order.sort_by(|a, b| {
@@ -490,37 +522,47 @@ impl Picker {
                 .then(a.1.total_cmp(&b.1))
                 .then(a.2.cmp(&b.2))
         });
-        order.into_iter().map(|(_, _, id)| id).collect()
+        order.into_iter().map(|(_, _, _, id)| id).collect()
     }
 
-    fn pick_fresh(&self, rng: &mut impl Rng) -> Option<(u32, Source)> {
-        for id in self.parent_order() {
+    /// The least loaded parents' rarest piece: among the parents with spare budget at the
+    /// lowest load, the piece with the fewest normal holders that one of them offers
+    /// (random among equally rare pieces; among parents offering it, the faster first).
+    fn pick_fresh(&self, salt: u64, rng: &mut impl Rng) -> Option<(u32, Source)> {
+        // (load, rarity, piece, parent) of the best so far, and how many tied with it.
+        let mut best: Option<(f64, u16, u32, ParentId)> = None;
+        let mut ties = 0u32;
+        for id in self.parent_order(salt) {
             let s = &self.slots[id.0 as usize];
-            // Rarest first among what this parent offers; reservoir-sample the ties.
-            let mut best: Option<(u16, u32)> = None;
-            let mut ties = 0u32;
+            let load = s.inflight as f64 / self.slot_budget(s) as f64;
+            if best.is_some_and(|b| load > b.0) {
+                break; // parents are in load order: nothing better follows
+            }
             for n in s.avail.and(&self.idle) {
                 if !self.offers(s, n) {
                     continue;
                 }
                 let rarity = self.normal_holders[n as usize];
                 match best {
-                    Some((r, _)) if rarity > r => {}
-                    Some((r, _)) if rarity == r => {
+                    Some((_, r, _, _)) if rarity > r => {}
+                    Some((_, r, b, _)) if rarity == r => {
+                        if b == n {
+                            continue; // the same piece at a slower parent
+                        }
                         ties += 1;
                         if rng.gen_range(0..ties) == 0 {
-                            best = Some((rarity, n));
+                            best = Some((load, rarity, n, id));
                         }
                     }
                     _ => {
-                        best = Some((rarity, n));
+                        best = Some((load, rarity, n, id));
                         ties = 1;
                     }
                 }
             }
-            if let Some((_, n)) = best {
-                return Some((n, Source::Parent(id)));
-            }
+        }
+        if let Some((_, _, n, id)) = best {
+            return Some((n, Source::Parent(id)));
         }
         if self.origin_spare() {
             let first = self.idle.iter().find(|n| {
@@ -534,7 +576,7 @@ impl Picker {
     }
 
     /// A second fetch of the oldest single-fetch piece, by an idle source that holds it.
-    fn pick_endgame(&self) -> Option<(u32, Source)> {
+    fn pick_endgame(&self, salt: u64) -> Option<(u32, Source)> {
         let idle_pieces = self.idle.iter().next().is_some();
         if self.cfg.endgame_pieces == 0
             || self.missing_count > self.cfg.endgame_pieces
@@ -549,7 +591,7 @@ impl Picker {
             .map(|(n, f)| (f[0].seq, *n, f[0].source))
             .collect();
         singles.sort_by_key(|(seq, n, _)| (*seq, *n));
-        let order = self.parent_order();
+        let order = self.parent_order(salt);
         for (_, n, current) in singles {
             let parent = order.iter().find(|id| {
                 Source::Parent(**id) != current && self.slots[id.0 as usize].avail.get(n)
@@ -627,6 +669,13 @@ impl Picker {
         }
         Ok(())
     }
+}
+
+/// A 64-to-32-bit mixer (splitmix64's finaliser): a cheap, deterministic shuffle key.
+fn mix(mut x: u64) -> u32 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (x ^ (x >> 31)) as u32
 }
 
 #[cfg(test)]
