@@ -364,6 +364,24 @@ struct Counted {
 /// ([`Resources::reaches_within`]); past it the candidate counts as reachable.
 pub const REACH_BUDGET: usize = 64;
 
+/// What a bounded search of a peer's descendants found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reach<'a> {
+    /// Every descendant (the search ended within its budget).
+    Within(Vec<&'a str>),
+    /// More than the budget: any peer may be one.
+    Unknown,
+}
+
+impl Reach<'_> {
+    pub fn contains(&self, id: &str) -> bool {
+        match self {
+            Reach::Within(ids) => ids.contains(&id),
+            Reach::Unknown => true,
+        }
+    }
+}
+
 /// Score bonus of a child's current parents when it is scheduled again.
 pub const STICKY_BONUS: f64 = 0.1;
 
@@ -642,34 +660,35 @@ impl Resources {
     /// peers; a search that runs out of budget answers yes (the cautious side for its one
     /// caller, which then does not take `to` as a parent).
     pub fn reaches_within(&self, from: &str, to: &str, budget: usize) -> bool {
-        if from == to {
-            return true;
-        }
+        from == to || self.descendants_within(from, budget).contains(to)
+    }
+
+    /// The peers `from` feeds, directly or through others, found by visiting at most
+    /// `budget` peers; past the budget the answer is [`Reach::Unknown`] (everything counts
+    /// as reachable). One search answers every candidate of a scheduling decision.
+    pub fn descendants_within(&self, from: &str, budget: usize) -> Reach<'_> {
         let Some(start) = self.peers.get(from) else {
-            return false;
+            return Reach::Within(Vec::new());
         };
-        if start.children.is_empty() {
-            return false;
-        }
-        let mut seen: HashSet<&str> = HashSet::new();
-        let mut stack: Vec<&str> = vec![from];
+        // Peers are told apart by the address of their key in `peers`: a visit costs one
+        // map lookup and a few integer compares, not string hashing.
+        let mut seen: Vec<&str> = Vec::with_capacity(budget.min(64) + 1);
+        let mut stack: Vec<&String> = start.children.iter().collect();
         while let Some(id) = stack.pop() {
-            if !seen.insert(id) {
+            let Some((key, p)) = self.peers.get_key_value(id) else {
+                continue;
+            };
+            let key = key.as_str();
+            if seen.iter().any(|s| std::ptr::eq(*s, key)) {
                 continue;
             }
-            if seen.len() > budget {
-                return true;
+            if seen.len() >= budget {
+                return Reach::Unknown;
             }
-            if let Some(p) = self.peers.get(id) {
-                for c in &p.children {
-                    if c == to {
-                        return true;
-                    }
-                    stack.push(c);
-                }
-            }
+            seen.push(key);
+            stack.extend(p.children.iter());
         }
-        false
+        Reach::Within(seen)
     }
 
     /// Normal peers of a task that hold at least one piece (a warm swarm has two or more).
@@ -758,9 +777,11 @@ impl Resources {
             .map(|c| c.saturating_sub(child.pieces.len()))
             .unwrap_or(0);
 
-        // Sample up to filter_parents peers at random (the random order also breaks ties).
+        // Sample up to filter_parents peers at random (the random order also breaks ties),
+        // and always weigh the current parents again: dropping a parent only because the
+        // sample missed it would churn a large swarm's parent sets at every refresh.
         let ids = task.peer_ids();
-        let sampled: Vec<String> = if ids.len() <= limits.filter_parents {
+        let mut sampled: Vec<String> = if ids.len() <= limits.filter_parents {
             let mut all = ids.to_vec();
             rand::seq::SliceRandom::shuffle(all.as_mut_slice(), rng);
             all
@@ -770,6 +791,12 @@ impl Resources {
                 .map(|i| ids[i].clone())
                 .collect()
         };
+        if ids.len() > limits.filter_parents {
+            let mut current: Vec<&String> =
+                child.parents.iter().filter(|id| !sampled.contains(id)).collect();
+            current.sort(); // a set's order is per process; keep runs reproducible
+            sampled.extend(current.into_iter().cloned());
+        }
         let child_host = self.hosts.get(&child.host_id);
         let child_net = child_host.map(Host::network).unwrap_or_default();
         let child_rx_bps = child_net.max_rx_bandwidth;
@@ -817,6 +844,8 @@ impl Resources {
         self.clear_parents(child_id);
         let mut chosen = Vec::new();
         let mut below = 0usize; // candidates with nothing now that feed only through the child
+        let mut reach: Option<Vec<String>> = None; // the child's descendants, when needed
+        let mut reach_unknown = false;
         for (candidate, _) in ranked {
             if chosen.len() >= limits.candidate_parents {
                 break;
@@ -828,10 +857,22 @@ impl Resources {
             let id = candidate.peer_id;
             // A parent with nothing the child lacks is worth taking only for what it will
             // get from elsewhere: not when its pieces could come only through the child.
-            if candidate.state == PeerState::Running
-                && candidate.stats.useful_pieces == 0
-                && self.reaches_within(child_id, &id, REACH_BUDGET)
-            {
+            let empty_running =
+                candidate.state == PeerState::Running && candidate.stats.useful_pieces == 0;
+            if empty_running && reach.is_none() {
+                // One search of the child's descendants answers for every candidate.
+                let found = match self.descendants_within(child_id, REACH_BUDGET) {
+                    Reach::Within(ids) => ids.into_iter().map(str::to_string).collect(),
+                    Reach::Unknown => {
+                        reach_unknown = true;
+                        Vec::new()
+                    }
+                };
+                reach = Some(found);
+            }
+            let fed_through_child = empty_running
+                && (reach_unknown || reach.as_ref().is_some_and(|r| r.contains(&id)));
+            if fed_through_child {
                 below += 1;
                 continue;
             }
@@ -1084,6 +1125,34 @@ mod tests {
             .peers
             .values()
             .any(|p| p.parents.iter().any(|x| p.children.contains(x))));
+    }
+
+    #[test]
+    fn a_large_swarm_keeps_good_parents_the_sample_missed() {
+        // 200 peers, 10 sampled per decision: each holds a distinct half of the pieces,
+        // so every peer is a useful parent of every other. Refreshes must not drop the
+        // current parents just because the random sample left them out.
+        let mut r = swarm(200, 64);
+        for i in 0..200u32 {
+            let p = r.peer_mut(&format!("p{i}")).unwrap();
+            for n in 0..32 {
+                p.pieces.insert((i + n * 2) % 64);
+            }
+        }
+        let limits = Limits {
+            candidate_parents: 4,
+            filter_parents: 10,
+            max_children: 50,
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let first = r.schedule("p0", &limits, &mut rng).unwrap().parents;
+        assert_eq!(first.len(), 4);
+        for _ in 0..20 {
+            let again = r.schedule("p0", &limits, &mut rng).unwrap().parents;
+            let kept = again.iter().filter(|p| first.contains(p)).count();
+            assert!(kept >= 3, "{first:?} -> {again:?}");
+        }
+        r.check_invariants().unwrap();
     }
 
     #[test]
