@@ -1,6 +1,8 @@
-//! Back-to-source download: parallel ranged GETs when the origin supports them, else one
-//! streamed GET cut into pieces. Pieces already in storage (an interrupted earlier run) are
-//! not fetched again.
+//! The origin's side of a download: the probe (length, Range support), the task's storage
+//! prepared for pieces, one piece as a ranged GET ([`fetch_piece`], a source of the piece
+//! loop in [`super::p2p`]), and the whole content as one streamed GET cut into pieces when
+//! the origin takes no ranges ([`transfer`]). Pieces already in storage (an interrupted
+//! earlier run) are not fetched again.
 
 use super::sink::PieceSink;
 use super::{DownloadPlan, TaskManager, TaskRun};
@@ -12,7 +14,7 @@ use d7y_storage::{now_secs, ContentWriter, PieceMeta, TaskMeta};
 use d7y_types::piece::{piece_length_for, MIN_PIECE_LENGTH};
 use d7y_types::{Digest, PieceLayout};
 use dragonfly_api::common::v2::TrafficType;
-use futures_util::{stream, StreamExt, TryStreamExt};
+use futures_util::StreamExt;
 use std::collections::HashSet;
 use std::time::Instant;
 use tracing::{debug, warn};
@@ -20,6 +22,8 @@ use tracing::{debug, warn};
 /// Attempts per piece (the backend retries establishing each request on its own).
 const PIECE_ATTEMPTS: u32 = 3;
 
+/// A download with no scheduler configured: the piece loop with the origin as its only
+/// source.
 pub(super) async fn download(
     mgr: &TaskManager,
     run: &TaskRun,
@@ -29,16 +33,29 @@ pub(super) async fn download(
         return Err(TaskError::BackToSourceDisabled);
     }
     let probe = probe(mgr, plan).await?;
-    let mut prepared = prepare(
+    let content_length = probe.stat.content_length;
+    super::p2p::standalone(mgr, run, plan, probe, content_length).await
+}
+
+/// Piece `number` of `layout` from the origin (a ranged GET, retried), written, recorded
+/// and published.
+pub(super) async fn fetch_piece(
+    mgr: &TaskManager,
+    run: &TaskRun,
+    plan: &DownloadPlan,
+    request: &SourceRequest,
+    writer: &ContentWriter,
+    layout: PieceLayout,
+    number: u32,
+) -> Result<PieceMeta, TaskError> {
+    let ctx = Ctx {
         mgr,
         run,
         plan,
-        probe.stat.content_length,
-        probe.stat.headers.clone(),
-    )
-    .await?;
-    transfer(mgr, run, plan, &mut prepared, probe).await?;
-    mgr.mark_finished(plan, prepared.meta).await
+        request,
+        writer,
+    };
+    ctx.ranged_piece(layout, number).await
 }
 
 /// Asks the origin for the length and Range support (a one-byte ranged GET).
@@ -136,8 +153,9 @@ pub(super) async fn prepare(
     })
 }
 
-/// Fetches from the origin every piece the run does not have yet. Returns when the content
-/// is complete; a content of unknown length gets its length recorded.
+/// Streams the content from the origin (one GET, the probe's body when it sent one),
+/// storing every piece the run does not have yet. Returns when the content is complete; a
+/// content of unknown length gets its length recorded.
 pub(super) async fn transfer(
     mgr: &TaskManager,
     run: &TaskRun,
@@ -156,18 +174,9 @@ pub(super) async fn transfer(
     };
     let piece_length = prepared.piece_length;
     let content_length = prepared.content_length;
-    let total = match (probe.stat.supports_range, content_length) {
-        (true, Some(len)) => {
-            drop(probe.full_body);
-            ctx.ranged(PieceLayout::new(len, Some(piece_length)), &have)
-                .await?;
-            len
-        }
-        _ => {
-            ctx.streamed(probe.full_body, piece_length, content_length, have)
-                .await?
-        }
-    };
+    let total = ctx
+        .streamed(probe.full_body, piece_length, content_length, have)
+        .await?;
     if content_length.is_none() {
         prepared.writer.set_len(total).await?;
         prepared.meta.content_length = Some(total);
@@ -209,7 +218,7 @@ impl Ctx<'_> {
         length: u64,
         crc: u32,
         started: Instant,
-    ) -> Result<(), TaskError> {
+    ) -> Result<PieceMeta, TaskError> {
         let mut piece = PieceMeta::new(number, offset, length, Digest::crc32(crc).to_string());
         piece.traffic_type = TrafficType::BackToSource as i32;
         piece.cost_millis = started.elapsed().as_millis() as u64;
@@ -227,28 +236,11 @@ impl Ctx<'_> {
         m.download_piece_duration_milliseconds
             .with_label_values(&["BACK_TO_SOURCE"])
             .observe(piece.cost_millis as f64);
-        self.run.add_piece(piece);
-        Ok(())
+        self.run.add_piece(piece.clone());
+        Ok(piece)
     }
 
-    async fn ranged(&self, layout: PieceLayout, have: &HashSet<u32>) -> Result<(), TaskError> {
-        let missing: Vec<u32> = (0..layout.piece_count())
-            .filter(|n| !have.contains(n))
-            .collect();
-        let concurrency = self
-            .mgr
-            .config
-            .download
-            .back_to_source_concurrent_piece_count
-            .max(1) as usize;
-        stream::iter(missing)
-            .map(|number| self.ranged_piece(layout, number))
-            .buffer_unordered(concurrency)
-            .try_collect::<()>()
-            .await
-    }
-
-    async fn ranged_piece(&self, layout: PieceLayout, number: u32) -> Result<(), TaskError> {
+    async fn ranged_piece(&self, layout: PieceLayout, number: u32) -> Result<PieceMeta, TaskError> {
         let (offset, length) = layout
             .range(number)
             .map_err(|e| TaskError::Internal(e.to_string()))?;

@@ -1,0 +1,270 @@
+//! The transfers of the piece loop: a parent's SyncPieces stream (which pieces it holds
+//! or is receiving) and one piece fetched from a parent over Vortex into the content file,
+//! checked against its CRC before it is recorded. Pieces from the origin are fetched by
+//! [`crate::task::source::fetch_piece`].
+
+use super::super::sink::{PieceSink, ReadError};
+use super::super::{TaskManager, TaskRun};
+use super::CONNECT_TIMEOUT;
+use crate::error::TaskError;
+use crate::relay::FlightInfo;
+use d7y_storage::{PieceMeta, StorageError};
+use d7y_types::{Digest, PieceLayout};
+use dragonfly_api::common::v2::TrafficType;
+use dragonfly_api::dfdaemon::v2::dfdaemon_upload_client::DfdaemonUploadClient;
+use dragonfly_api::dfdaemon::v2::SyncPiecesRequest;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// A fetch whose parent sends nothing for this long is abandoned and its piece asked for
+/// again: a flow stuck in TCP back-off on a crowded link, or a parent that froze. A relay
+/// passes each write on as it arrives, so even a chain of relays is never silent this
+/// long while its head is making progress.
+const FETCH_SILENCE: Duration = Duration::from_secs(8);
+
+/// How fetching a piece from a parent failed.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum FetchError {
+    #[error(
+        "piece {number} from {parent} failed its CRC check: expected {expected}, got {actual}"
+    )]
+    Corrupt {
+        number: u32,
+        parent: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("parent does not have the piece")]
+    NotFound,
+    #[error("{0}")]
+    Transfer(String),
+    #[error("{0}")]
+    Storage(#[from] StorageError),
+    /// A piece from the origin failed (after the backend's own retries): final.
+    #[error("{0}")]
+    Origin(TaskError),
+}
+
+/// Something a parent's background stream learnt.
+/// Events carry the parent's incarnation (`generation`): a parent dropped and added again
+/// gets new streams, and late events of the old ones are ignored.
+pub(super) enum ParentEvent {
+    Available {
+        parent: String,
+        generation: u64,
+        number: u32,
+        addr: Option<SocketAddr>,
+    },
+    SyncEnded {
+        parent: String,
+        generation: u64,
+        error: Option<String>,
+    },
+}
+
+pub(super) async fn sync_pieces(
+    upload: String,
+    options: d7y_net::ChannelOptions,
+    host_id: String,
+    task_id: String,
+    (parent, generation): (String, u64),
+    interested: Vec<u32>,
+    events: mpsc::Sender<ParentEvent>,
+) {
+    let result: Result<(), String> = async {
+        let channel = d7y_net::channel(&upload, &options)
+            .await
+            .map_err(|e| format!("connect {upload}: {e}"))?;
+        let mut stream = DfdaemonUploadClient::new(channel)
+            .sync_pieces(SyncPiecesRequest {
+                host_id,
+                task_id,
+                interested_piece_numbers: interested,
+            })
+            .await
+            .map_err(|s| s.message().to_string())?
+            .into_inner();
+        while let Some(r) = stream
+            .message()
+            .await
+            .map_err(|s| s.message().to_string())?
+        {
+            let addr =
+                r.ip.parse::<std::net::IpAddr>()
+                    .ok()
+                    .zip(r.tcp_port.filter(|p| *p > 0))
+                    .map(|(ip, port)| SocketAddr::new(ip, port as u16));
+            if events
+                .send(ParentEvent::Available {
+                    parent: parent.clone(),
+                    generation,
+                    number: r.number,
+                    addr,
+                })
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+    .await;
+    let _ = events
+        .send(ParentEvent::SyncEnded {
+            parent,
+            generation,
+            error: result.err(),
+        })
+        .await;
+}
+
+/// Fetches one piece over Vortex into the content file, checks its CRC, records it.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn fetch_piece(
+    mgr: &TaskManager,
+    run: &TaskRun,
+    writer: d7y_storage::ContentWriter,
+    task_id: String,
+    layout: PieceLayout,
+    number: u32,
+    parent_id: String,
+    addr: SocketAddr,
+    pool: Arc<Mutex<Vec<d7y_vortex::Client>>>,
+    authority: Option<Digest>,
+    received: Arc<std::sync::atomic::AtomicU64>,
+) -> Result<PieceMeta, FetchError> {
+    let started = Instant::now();
+    let timeout = mgr.config.download.piece_timeout;
+    let transfer = |e: String| FetchError::Transfer(e);
+    let (offset, length) = layout.range(number).map_err(|e| transfer(e.to_string()))?;
+    let pooled = pool.lock().expect("pool").pop();
+    let mut client = match pooled {
+        Some(c) => c,
+        None => {
+            d7y_vortex::Client::connect_with(addr, None, CONNECT_TIMEOUT, mgr.peer_tls.as_deref())
+                .await
+                .map_err(|e| transfer(e.to_string()))?
+        }
+    };
+    let silent = || {
+        transfer(format!(
+            "no bytes of piece {number} from the parent for {FETCH_SILENCE:?}"
+        ))
+    };
+    let work = async {
+        let meta = tokio::time::timeout(FETCH_SILENCE, client.request_piece(&task_id, number))
+            .await
+            .map_err(|_| silent())?
+            .map_err(|e| {
+                if e.is_not_found() {
+                    FetchError::NotFound
+                } else {
+                    transfer(e.to_string())
+                }
+            })?;
+        if meta.number != number || meta.offset != offset || meta.length != length {
+            return Err(FetchError::Corrupt {
+                number,
+                parent: parent_id.clone(),
+                expected: format!("piece {number} at {offset}+{length}"),
+                actual: format!("piece {} at {}+{}", meta.number, meta.offset, meta.length),
+            });
+        }
+        let claimed: Digest = meta.digest.parse().map_err(|_| FetchError::Corrupt {
+            number,
+            parent: parent_id.clone(),
+            expected: "a crc32 digest".into(),
+            actual: meta.digest.clone(),
+        })?;
+        // A parent that claims another digest than the seed's is serving other bytes:
+        // refused before a byte is read (the connection is dropped with the error).
+        if let Some(authority) = &authority {
+            if *authority != claimed {
+                return Err(FetchError::Corrupt {
+                    number,
+                    parent: parent_id.clone(),
+                    expected: format!("{authority} (the seed peer's)"),
+                    actual: format!("{claimed} (claimed by the parent)"),
+                });
+            }
+        }
+        let expected = authority.unwrap_or(claimed);
+        // From here the piece can be relayed to children while it arrives.
+        let flight = mgr.flights.begin(
+            &task_id,
+            FlightInfo {
+                number,
+                offset,
+                length,
+                digest: meta.digest.clone(),
+                parent_id: parent_id.clone(),
+            },
+        );
+        run.add_arriving(PieceMeta::new(number, offset, length, meta.digest.clone()));
+        let limits = [&mgr.download_bandwidth];
+        let write_buffer_size = mgr.config.storage.write_buffer_size;
+        let mut sink =
+            PieceSink::new(&writer, &limits, offset, length, write_buffer_size).relaying(&flight);
+        let mut reader = client.content(length);
+        loop {
+            let read = tokio::time::timeout(FETCH_SILENCE, sink.read_from(&mut reader))
+                .await
+                .map_err(|_| silent())?;
+            match read {
+                Ok(0) => break,
+                Ok(n) => {
+                    received.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                Err(ReadError::Io(e)) => return Err(transfer(e.to_string())),
+                Err(ReadError::Storage(e)) => return Err(e.into()),
+            }
+        }
+        let (written, crc) = sink.finish().await?;
+        if written != length {
+            return Err(transfer(format!(
+                "parent closed after {written} of {length} bytes"
+            )));
+        }
+        let actual = Digest::crc32(crc);
+        if actual != expected {
+            return Err(FetchError::Corrupt {
+                number,
+                parent: parent_id.clone(),
+                expected: expected.to_string(),
+                actual: actual.to_string(),
+            });
+        }
+        Ok((actual, flight))
+    };
+    let (digest, flight) = match tokio::time::timeout(timeout, work).await {
+        Ok(Ok(done)) => done,
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            return Err(transfer(format!(
+                "piece {number} timed out after {timeout:?}"
+            )))
+        }
+    };
+    pool.lock().expect("pool").push(client);
+    let mut piece = PieceMeta::new(number, offset, length, digest.to_string());
+    piece.parent_id = Some(parent_id);
+    piece.traffic_type = TrafficType::RemotePeer as i32;
+    piece.cost_millis = started.elapsed().as_millis() as u64;
+    mgr.storage.put_piece(&task_id, piece.clone()).await?;
+    let m = &mgr.metrics;
+    m.download_traffic
+        .with_label_values(&["REMOTE_PEER", "STANDARD"])
+        .inc_by(length);
+    m.download_piece_total
+        .with_label_values(&["REMOTE_PEER"])
+        .inc();
+    m.download_piece_duration_milliseconds
+        .with_label_values(&["REMOTE_PEER"])
+        .observe(piece.cost_millis as f64);
+    run.add_piece(piece.clone());
+    flight.verified();
+    Ok(piece)
+}
