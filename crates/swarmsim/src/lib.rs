@@ -26,6 +26,9 @@ use std::time::{Duration, Instant};
 /// The seed's super-seeding waits (as `dfdaemon::superseed`).
 const RELAY_GRACE: f64 = 12.0;
 const MAX_DEFER: f64 = 30.0;
+/// Attempts (one per refresh interval) after which a peer without parents takes a full
+/// one or goes to the origin (the scheduler's `retryBackToSourceLimit`).
+const RETRY_BACK_TO_SOURCE_LIMIT: u32 = 4;
 
 /// One downloading host: link rates in bits per second, and when it starts.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,8 +50,10 @@ pub struct Scenario {
     pub origin_bps: f64,
     pub hosts: Vec<HostSpec>,
     pub limits: Limits,
-    /// How often a downloading peer asks for a fresh parent set (s).
+    /// How often a downloading peer asks for a fresh parent set (s), at first and after
+    /// a change; answers that change nothing double it up to `refresh_max`.
     pub refresh: f64,
+    pub refresh_max: f64,
     /// Simulated time step (s).
     pub dt: f64,
     /// Hosts announce their link rates to the scheduler (else the scheduler sees none).
@@ -83,6 +88,7 @@ impl Scenario {
                 max_children: 8,
             },
             refresh: 0.5,
+            refresh_max: 4.0,
             dt: 0.01,
             announce_rates: true,
             concurrency: 16,
@@ -190,17 +196,28 @@ struct Fetching {
     left: f64,
     bytes: u64,
     started: f64,
+    /// Cut-through: `from` is itself still receiving the piece, and this fetch can get no
+    /// further than that one has.
+    relayed: bool,
 }
 
 struct Node {
     picker: Picker,
     /// Current parents: host index -> handle.
     parents: HashMap<usize, ParentId>,
+    /// Parents taken back by the scheduler, kept under their handle (as the daemon's
+    /// retired parents): handed back, they are restored with their rate and their fetches
+    /// still in flight.
+    retired: HashMap<usize, ParentId>,
     joined: bool,
     alive: bool,
     done: Option<f64>,
     last_schedule: f64,
+    /// The refresh interval now: the daemon's backs off while answers change nothing.
+    refresh_every: f64,
     failures: u32,
+    /// Something changed that may let the picker start a fetch.
+    dirty: bool,
 }
 
 /// Runs a scenario to completion (or to `limit` simulated seconds).
@@ -261,11 +278,14 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
         .map(|_| Node {
             picker: Picker::new(count, picker_cfg.clone()),
             parents: HashMap::new(),
+            retired: HashMap::new(),
             joined: false,
             alive: true,
             done: None,
             last_schedule: f64::NEG_INFINITY,
+            refresh_every: sc.refresh,
             failures: 0,
+            dirty: true,
         })
         .collect();
     nodes[seed].joined = true;
@@ -338,10 +358,13 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                     if let Some(h) = nodes[c].parents.remove(&victim) {
                         nodes[c].picker.remove_parent(h);
                     }
+                    nodes[c].retired.remove(&victim);
+                    nodes[c].dirty = true;
                 }
                 fetches.retain(|f| {
                     if f.from == victim {
                         nodes[f.to].picker.failed(f.piece, f.source);
+                        nodes[f.to].dirty = true;
                         false
                     } else {
                         f.to != victim
@@ -367,25 +390,40 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                     .expect("peer registers");
                 res.peer_mut(&peer_id(i)).expect("peer").state = PeerState::Running;
             }
-            if t - node.last_schedule < sc.refresh - 1e-9 {
+            let every = if node.parents.is_empty() {
+                sc.refresh
+            } else {
+                node.refresh_every
+            };
+            if t - node.last_schedule < every - 1e-9 {
                 continue;
             }
             node.last_schedule = t;
             let started = Instant::now();
-            let allow_full = node.failures >= 4;
+            // As the scheduler service: a peer without parents is scheduled every retry
+            // interval, takes a full parent on the last attempt and is sent to the origin
+            // after it; a peer with parents refreshes them, and an empty answer leaves
+            // them as they are.
+            let orphan = node.parents.is_empty();
+            let allow_full = orphan && node.failures >= RETRY_BACK_TO_SOURCE_LIMIT;
             let scheduled = res
                 .schedule_with(&peer_id(i), &sc.limits, allow_full, &mut rng)
                 .expect("known peer");
             report.schedule_time += started.elapsed();
             report.schedules += 1;
             if scheduled.parents.is_empty() {
-                node.failures += 1;
-                if node.failures >= 5 && node.parents.is_empty() {
-                    node.picker.set_origin_budget(sc.concurrency as u32);
+                node.refresh_every = (node.refresh_every * 2.0).min(sc.refresh_max);
+                if orphan {
+                    node.failures += 1;
+                    if allow_full {
+                        node.picker.set_origin_budget(sc.concurrency as u32);
+                        node.dirty = true;
+                    }
                 }
                 continue;
             }
             node.failures = 0;
+            node.dirty = true;
             let wanted: HashSet<usize> = scheduled
                 .parents
                 .iter()
@@ -398,9 +436,16 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                 .filter(|p| !wanted.contains(p))
                 .copied()
                 .collect();
+            let same = leaving.is_empty() && wanted.len() == node.parents.len();
+            node.refresh_every = if same {
+                (node.refresh_every * 2.0).min(sc.refresh_max)
+            } else {
+                sc.refresh
+            };
             for p in leaving {
                 let h = node.parents.remove(&p).expect("listed");
                 node.picker.remove_parent(h);
+                node.retired.insert(p, h);
                 subs[p].remove(&i);
                 if p == seed {
                     leave_seed(i, t, &mut seed_children, &mut dealt, &mut offers);
@@ -410,15 +455,22 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                 if nodes[i].parents.contains_key(&p) {
                     continue;
                 }
-                let h = nodes[i].picker.add_parent(p == seed);
+                let h = match nodes[i].retired.remove(&p) {
+                    Some(h) => {
+                        nodes[i].picker.restore_parent(h);
+                        h
+                    }
+                    None => nodes[i].picker.add_parent(p == seed),
+                };
                 nodes[i].picker.set_usable(h, true);
                 nodes[i].parents.insert(p, h);
                 subs[p].insert(i);
                 if p == seed && !seed_children.contains(&i) {
                     seed_children.push(i);
                 }
-                // The new parent's SyncPieces: what it holds now (the seed: what it offers).
-                let held: Vec<u32> = nodes_has(&nodes[p].picker);
+                // The new parent's SyncPieces: what it holds or is receiving now (the
+                // seed: what it offers).
+                let held: Vec<u32> = offered(&nodes[p].picker, p != seed);
                 for piece in held {
                     if p == seed {
                         match seed_release(
@@ -463,22 +515,30 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                     &served,
                     &arrived,
                 ) {
-                    None => nodes[child].picker.available(h, piece),
+                    None => {
+                        nodes[child].picker.available(h, piece);
+                        nodes[child].dirty = true;
+                    }
                     Some(at) => offers.push((at, child, piece)),
                 }
             }
         }
         // Dispatch.
-        for (i, node) in nodes.iter_mut().enumerate() {
-            if !node.alive || !node.joined || node.done.is_some() {
+        let mut started_now: Vec<(usize, u32)> = Vec::new();
+        for i in 0..=n {
+            let node = &mut nodes[i];
+            if !node.alive || !node.joined || node.done.is_some() || !node.dirty {
                 continue;
             }
-            while let Some((piece, source)) = node.picker.next(None, &mut rng) {
+            node.dirty = false;
+            while let Some((piece, source)) = nodes[i].picker.next(None, &mut rng) {
+                let node = &nodes[i];
                 let from = match source {
                     Source::Origin => origin,
                     Source::Parent(h) => *node
                         .parents
                         .iter()
+                        .chain(node.retired.iter())
                         .find(|(_, v)| **v == h)
                         .map(|(k, _)| k)
                         .expect("a current parent"),
@@ -489,6 +549,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                         offers.push((t + RELAY_GRACE, *c, piece));
                     }
                 }
+                let relayed = from < n && !nodes[from].picker.has(piece);
                 let bytes = piece_bytes(piece);
                 fetches.push(Fetching {
                     to: i,
@@ -498,7 +559,21 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                     left: bytes as f64,
                     bytes,
                     started: t,
+                    relayed,
                 });
+                if i < n {
+                    started_now.push((i, piece));
+                }
+            }
+        }
+        // A peer announces a piece to its children as soon as it starts arriving (the
+        // daemon's SyncPieces sends arriving pieces; a child's read follows the flight).
+        for (i, piece) in started_now {
+            for &c in &subs[i] {
+                if let Some(h) = nodes[c].parents.get(&i).copied() {
+                    nodes[c].picker.available(h, piece);
+                    nodes[c].dirty = true;
+                }
             }
         }
         // Rates and progress.
@@ -508,10 +583,81 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
             to: f.to,
         }));
         flow::allocate(&up, &down, &flows, &mut rates);
+        if std::env::var_os("SWARMSIM_TRACE").is_some() && (t / 0.5).fract() < sc.dt / 0.5 {
+            let mut used_up = vec![0.0; n + 2];
+            let mut used_down = vec![0.0; n + 2];
+            for (f, r) in fetches.iter().zip(&rates) {
+                used_up[f.from] += r;
+                used_down[f.to] += r;
+            }
+            let peers_up: f64 = used_up[..n].iter().sum::<f64>() / up[..n].iter().sum::<f64>();
+            let active = (0..n).filter(|i| nodes[*i].joined && nodes[*i].done.is_none()).count();
+            let down_util: f64 = (0..n)
+                .filter(|i| nodes[*i].joined && nodes[*i].done.is_none())
+                .map(|i| used_down[i] / down[i])
+                .sum::<f64>()
+                / active.max(1) as f64;
+            let inflight: usize = fetches.iter().filter(|f| f.to < n).count();
+            let parents: f64 = (0..n).map(|i| nodes[i].parents.len()).sum::<usize>() as f64 / n as f64;
+            let orphans = (0..n).filter(|i| nodes[*i].parents.is_empty()).count();
+            let seed_kids = subs[seed].len();
+            let offers_len = offers.len();
+            eprintln!(
+                "t={t:6.2} peers_up={peers_up:.2} seed_up={:.2} down={down_util:.2} active={active} fetches={inflight} parents={parents:.1} orphans={orphans} seed_children={seed_kids} offers={offers_len}",
+                used_up[seed] / up[seed]
+            );
+        }
         t += sc.dt;
         let mut any_done = false;
         for (f, r) in fetches.iter_mut().zip(&rates) {
             f.left -= r * sc.dt;
+        }
+        // Cut-through: a relayed fetch is never ahead of the fetch it follows; one whose
+        // upstream flight ended without the piece fails with it.
+        if fetches.iter().any(|f| f.relayed) {
+            let wanted: HashSet<(usize, u32)> = fetches
+                .iter()
+                .filter(|f| f.relayed)
+                .map(|f| (f.from, f.piece))
+                .collect();
+            let mut relays = vec![false; n + 2];
+            for (from, _) in &wanted {
+                relays[*from] = true;
+            }
+            let upstream: HashMap<(usize, u32), f64> = fetches
+                .iter()
+                .filter(|f| relays[f.to] && wanted.contains(&(f.to, f.piece)))
+                .map(|f| ((f.to, f.piece), f.left))
+                .collect();
+            let mut broken = Vec::new();
+            for (k, f) in fetches.iter_mut().enumerate() {
+                if !f.relayed {
+                    continue;
+                }
+                if nodes[f.from].picker.has(f.piece) {
+                    f.relayed = false;
+                    continue;
+                }
+                match upstream.get(&(f.from, f.piece)) {
+                    Some(up_left) => f.left = f.left.max(*up_left).max(f64::MIN_POSITIVE),
+                    None => broken.push(k),
+                }
+            }
+            for k in broken.into_iter().rev() {
+                let f = fetches.swap_remove(k);
+                nodes[f.to].picker.failed(f.piece, f.source);
+                nodes[f.to].dirty = true;
+                // Its children stop counting on the piece until it arrives here again.
+                if f.to < n && !nodes[f.to].picker.is_fetching(f.piece) {
+                    for &c in &subs[f.to] {
+                        if let Some(h) = nodes[c].parents.get(&f.to).copied() {
+                            nodes[c].picker.unavailable(h, f.piece);
+                        }
+                    }
+                }
+            }
+        }
+        for f in &fetches {
             any_done |= f.left <= 0.0;
         }
         if any_done {
@@ -524,8 +670,10 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                     i += 1;
                 }
             }
+            let mut cancelled: HashSet<(usize, u32)> = HashSet::new();
             for f in finished {
                 let node = &mut nodes[f.to];
+                node.dirty = true;
                 if node.picker.has(f.piece) {
                     continue; // a cancelled endgame loser
                 }
@@ -533,7 +681,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                     .picker
                     .finished(f.piece, f.source, f.bytes, t - f.started);
                 if !losers.is_empty() {
-                    fetches.retain(|g| !(g.to == f.to && g.piece == f.piece));
+                    cancelled.insert((f.to, f.piece));
                 }
                 if f.from == origin {
                     report.origin_bytes += f.bytes;
@@ -584,7 +732,11 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                     } else {
                         nodes[c].picker.available(h, f.piece);
                     }
+                    nodes[c].dirty = true;
                 }
+            }
+            if !cancelled.is_empty() {
+                fetches.retain(|g| !cancelled.contains(&(g.to, g.piece)));
             }
         }
         let all_done = (0..n).all(|i| !nodes[i].alive || nodes[i].done.is_some());
@@ -613,8 +765,12 @@ fn leave_seed(
     dealt.retain(|_, o| *o != child);
 }
 
-fn nodes_has(p: &Picker) -> Vec<u32> {
-    (0..p.piece_count()).filter(|n| p.has(*n)).collect()
+/// What a parent's SyncPieces stream announces: the pieces it holds and, with
+/// `arriving`, those it is receiving.
+fn offered(p: &Picker, arriving: bool) -> Vec<u32> {
+    (0..p.piece_count())
+        .filter(|n| p.has(*n) || (arriving && p.is_fetching(*n)))
+        .collect()
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release -p d7y-swarmsim -- [--peers 4,8,16] [--size-mib 256] [--rate-mbit 200]
-//!     [--shape equal|half|quarter] [--late 0.33] [--kill] [--dt 0.01] [--refresh 0.5]
+//!     [--shape equal|half|quarter] [--late 0.33] [--kill] [--dt 0.01] [--refresh 0.5] [--refresh-max 4]
 //!     [--no-rates] [--seed 1]
 //! ```
 //!
@@ -57,6 +57,7 @@ fn main() {
         let mut sc = Scenario::equal(n, size, rate);
         sc.dt = num("--dt", if n >= 1000 { 0.05 } else { 0.01 });
         sc.refresh = num("--refresh", 0.5);
+        sc.refresh_max = num("--refresh-max", 4.0).max(sc.refresh);
         sc.announce_rates = !flag("--no-rates");
         sc.rng_seed = num("--seed", 1.0) as u64;
         let mut name = shape.clone();
