@@ -21,6 +21,10 @@ def main():
     out = sys.argv[2]
     size_mib = data["size"] / 2**20
     title = f'{data["peers"]} hosts, {size_mib:.0f} MiB, {data["rate"]} links'
+    if data.get("rates") and len(set(data["rates"].split(","))) > 1:
+        title += " (unequal)"
+    if any(j > 0 for j in data.get("joins", [])):
+        title += ", late joiners"
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in data["results"]:
@@ -29,7 +33,15 @@ def main():
         xs = [0.0] + [t for t in times for _ in (0, 1)]
         ys = [0.0] + [y for i in range(n) for y in (i / n, (i + 1) / n)]
         ax.plot(xs, ys, label=r["name"], drawstyle="default")
+    sim = sorted(data.get("sim_times", []))
+    if sim:
+        n = len(sim)
+        xs = [0.0] + [t for t in sim for _ in (0, 1)]
+        ys = [0.0] + [y for i in range(n) for y in (i / n, (i + 1) / n)]
+        ax.plot(xs, ys, label="simulator (swarmsim)", linestyle=":", color="gray")
     ax.axvline(data["t_star"], color="black", linestyle="--", label="Kumar–Ross bound T*")
+    if data.get("bound", data["t_star"]) > data["t_star"] * 1.001:
+        ax.axvline(data["bound"], color="black", linestyle="-.", label="bound for these rates and joins")
     ax.set_xlabel("completion time (s)")
     ax.set_ylabel("fraction of hosts done")
     ax.set_title(title)
@@ -37,6 +49,7 @@ def main():
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(f"{out}/swarm-cdf.png", dpi=120)
+    plt.close(fig)
 
     df = next((r for r in data["results"] if r["name"] == "dragonfly" and r["sources"]), None)
     if df:

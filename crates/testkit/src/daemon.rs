@@ -69,6 +69,8 @@ pub struct DaemonOptions {
     pub proxy_yaml: String,
     /// Lines (indented by four spaces) placed under `proxy.server`.
     pub proxy_server_yaml: String,
+    /// Lines (indented by two spaces) placed under the `upload:` section.
+    pub upload_yaml: String,
     /// Mutual TLS: the identity this daemon serves with (`upload.server`) and the one it
     /// presents to peers and schedulers (`upload.client`, `scheduler`).
     pub tls: Option<DaemonTls>,
@@ -224,7 +226,7 @@ impl Daemon {
                 "host:\n  ip: {ip}\n  hostname: {hostname}\n\
                  server:\n  cacheDir: {cache}\n\
                  download:\n  server:\n    socketPath: {socket}\n{download_yaml}\
-                 upload:\n  server:\n    ip: {ip}\n    port: {upload_port}\n{upload_tls}{client_tls}\
+                 upload:\n  server:\n    ip: {ip}\n    port: {upload_port}\n{upload_tls}{client_tls}{upload_yaml}\
                  storage:\n  dir: {data}\n  server:\n    ip: {ip}\n    tcpPort: {piece_port}\n{piece_server_yaml}\
                  metrics:\n  server:\n    ip: {ip}\n    port: {metrics_port}\n\
                  health:\n  server:\n    ip: {ip}\n    port: {health_port}\n\
@@ -236,6 +238,7 @@ impl Daemon {
                 piece_server_yaml = options.piece_server_yaml,
                 proxy_yaml = options.proxy_yaml,
                 proxy_server_yaml = options.proxy_server_yaml,
+                upload_yaml = options.upload_yaml,
             ),
         )?;
         let mut daemon = Daemon {

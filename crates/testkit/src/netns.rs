@@ -23,6 +23,12 @@ pub struct Hosts {
     pub bridge: String,
     /// Namespace names, host 0 first.
     pub names: Vec<String>,
+    /// Each host's link rate (tc syntax), host 0 first.
+    pub rates: Vec<String>,
+    /// The daemons a [`HostSwarm`] starts on these hosts announce their link rates
+    /// (`upload.bandwidthLimit` and `download.bandwidthLimit` set to them), so the
+    /// scheduler can size parents by rate. Off by default: the limits are the daemon's.
+    pub announce_rates: bool,
 }
 
 impl Hosts {
@@ -30,16 +36,25 @@ impl Hosts {
     /// names have at most 15 characters), each link shaped to `rate` (tc syntax, e.g.
     /// `200mbit`) both ways.
     pub fn up(prefix: &str, n: usize, rate: &str) -> anyhow::Result<Hosts> {
+        Hosts::up_with_rates(prefix, &vec![rate.to_string(); n])
+    }
+
+    /// One host per entry of `rates` (tc syntax), each link shaped to its rate both ways.
+    pub fn up_with_rates(prefix: &str, rates: &[String]) -> anyhow::Result<Hosts> {
         let tag = prefix;
+        let n = rates.len();
         let mut hosts = Hosts {
             bridge: format!("{tag}br"),
             names: Vec::new(),
+            rates: rates.to_vec(),
+            announce_rates: false,
         };
         let b = hosts.bridge.clone();
         run(&["ip", "link", "add", &b, "type", "bridge"])?;
         run(&["ip", "addr", "add", &format!("{SUBNET_GW}/24"), "dev", &b])?;
         run(&["ip", "link", "set", &b, "up"])?;
         for i in 1..=n {
+            let rate = rates[i - 1].as_str();
             let ns = format!("{tag}n{i}");
             let veth = format!("{tag}v{i}");
             run(&["ip", "netns", "add", &ns])?;
@@ -183,6 +198,12 @@ impl HostSwarm {
         let port = crate::free_port();
         let scheduler_addr = format!("{SUBNET_GW}:{port}");
         let daemon = |i: usize, seed: bool| {
+            let limit = if hosts.announce_rates {
+                let bytes = (crate::bench::parse_rate(&hosts.rates[i]) / 8.0) as u64;
+                format!("  bandwidthLimit: {bytes}\n")
+            } else {
+                String::new()
+            };
             crate::Daemon::start_opts(
                 &dir.join(format!("host{i}")),
                 &crate::DaemonOptions {
@@ -192,6 +213,8 @@ impl HostSwarm {
                     ip: Some(hosts.ip(i)),
                     netns: Some(hosts.names[i].clone()),
                     proxy_yaml: proxy_yaml.to_string(),
+                    download_yaml: limit.clone(),
+                    upload_yaml: limit,
                     ..Default::default()
                 },
             )
