@@ -11,9 +11,11 @@
 //!   rarest missing piece it holds (fewest holders among the normal parents), random among
 //!   ties, so children of one parent spread over different pieces.
 //! - **The seed gives what nobody else can.** A seed parent is offered only pieces no
-//!   normal parent holds (a busy normal holder is waited for), and while normal parents
-//!   exist it has [`Config::seed_share`] pieces in flight at most: its upload goes to new
-//!   pieces, which its own distinct-first dealing then spreads.
+//!   normal parent holds (a busy normal holder is waited for) — or only slow ones hold
+//!   (measured below [`SLOW_FRACTION`] of the fastest normal parent: a slow host holds
+//!   nobody back) — and while normal parents exist it has [`Config::seed_share`] pieces in
+//!   flight at most: its upload goes to new pieces, which its own distinct-first dealing
+//!   then spreads.
 //! - **The origin is one more source.** With an origin budget (back-to-source allowed)
 //!   it gives, in order, the pieces that no parent holds; with no parents at all that is
 //!   the whole download, so a back-to-source run is the same loop as a swarm run.
@@ -78,6 +80,10 @@ impl Default for Config {
         }
     }
 }
+
+/// A normal parent measured below this share of the fastest one's rate is slow: the pieces
+/// only slow parents hold may come from the seed.
+pub const SLOW_FRACTION: f64 = 1.0 / 3.0;
 
 /// A fixed-size bitset of piece numbers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -486,7 +492,29 @@ impl Picker {
 
     /// Whether `slot` may be asked for idle missing piece `n` under the seed rule.
     fn offers(&self, s: &Slot, n: u32) -> bool {
-        s.avail.get(n) && (!s.is_seed || self.normal_holders[n as usize] == 0)
+        if !s.avail.get(n) {
+            return false;
+        }
+        if !s.is_seed || self.normal_holders[n as usize] == 0 {
+            return true;
+        }
+        // Held by normal parents: the seed only when every one of them is slow.
+        let floor = self.slow_floor();
+        floor > 0.0
+            && self.slots.iter().all(|o| {
+                o.is_seed || !o.live || !o.avail.get(n) || o.rate.is_some_and(|r| r < floor)
+            })
+    }
+
+    /// Measured rates below this are slow: [`SLOW_FRACTION`] of the fastest normal
+    /// parent's (0 with none measured).
+    fn slow_floor(&self) -> f64 {
+        self.slots
+            .iter()
+            .filter(|s| s.live && !s.is_seed)
+            .filter_map(|s| s.rate)
+            .fold(0.0, f64::max)
+            * SLOW_FRACTION
     }
 
     /// The best source with spare budget for idle piece `n`.

@@ -101,6 +101,47 @@ fn the_seed_gives_only_what_no_normal_parent_holds() {
 }
 
 #[test]
+fn pieces_only_slow_parents_hold_may_come_from_the_seed() {
+    // Seed holds all; a fast parent holds 0..4, a slow one (a quarter of its rate) 4..8.
+    let mut c = cfg();
+    c.max_per_parent = 8;
+    let mut p = Picker::new(8, c);
+    let seed = p.add_parent(true);
+    let fast = p.add_parent(false);
+    let slow = p.add_parent(false);
+    for (id, pieces) in [(seed, 0..8), (fast, 0..4), (slow, 4..8)] {
+        p.set_usable(id, true);
+        for n in pieces {
+            p.available(id, n);
+        }
+    }
+    let mut r = rng();
+    // Measure both: the fast one at 4000 B/s, the slow one at 1000 B/s.
+    for (id, secs) in [(fast, 0.25), (slow, 1.0)] {
+        let (n, s) = std::iter::from_fn(|| p.next(None, &mut r))
+            .find(|(_, s)| *s == Source::Parent(id))
+            .expect("a pick from each parent");
+        p.finished(n, s, 1000, secs);
+        // Return the other picks.
+        for m in 0..8 {
+            for src in p.sources_of(m) {
+                p.failed(m, src);
+            }
+        }
+    }
+    let picks: Vec<(u32, Source)> = std::iter::from_fn(|| p.next(None, &mut r)).collect();
+    let from_seed: Vec<u32> = picks
+        .iter()
+        .filter(|(_, s)| *s == Source::Parent(seed))
+        .map(|(n, _)| *n)
+        .collect();
+    // The seed (share 1) gives one of the slow parent's pieces, never a fast one's.
+    assert_eq!(from_seed.len(), 1, "{picks:?}");
+    assert!((4..8).contains(&from_seed[0]), "{picks:?}");
+    p.check().unwrap();
+}
+
+#[test]
 fn the_origin_gives_in_order_what_no_parent_holds() {
     // No parents: a whole back-to-source download, budget-bound, in order.
     let mut p = Picker::new(6, cfg());

@@ -691,6 +691,22 @@ impl Resources {
         Reach::Within(seen)
     }
 
+    /// Whether one of `cand`'s parents holds pieces (or has the task) and is neither the
+    /// child nor among its `descendants`.
+    fn fed_from_outside(&self, cand: &str, child: &str, descendants: &[String]) -> bool {
+        let Some(cand) = self.peers.get(cand) else {
+            return false;
+        };
+        cand.parents.iter().any(|p| {
+            p != child
+                && !descendants.contains(p)
+                && self.peers.get(p).is_some_and(|pp| {
+                    !pp.pieces.is_empty()
+                        || matches!(pp.state, PeerState::Succeeded | PeerState::BackToSource)
+                })
+        })
+    }
+
     /// Normal peers of a task that hold at least one piece (a warm swarm has two or more).
     fn warm_holders(&self, sampled: &[String]) -> u32 {
         sampled
@@ -870,8 +886,14 @@ impl Resources {
                 };
                 reach = Some(found);
             }
-            let fed_through_child = empty_running
-                && (reach_unknown || reach.as_ref().is_some_and(|r| r.contains(&id)));
+            let below_child =
+                empty_running && (reach_unknown || reach.as_ref().is_some_and(|r| r.contains(&id)));
+            // Below the child, it is still fed from elsewhere when one of its own parents
+            // holds pieces and is not itself below the child (the seed, typically): two
+            // peers then trade what they get from outside, as in a mesh they should.
+            let fed_through_child = below_child
+                && (reach_unknown
+                    || !self.fed_from_outside(&id, child_id, reach.as_deref().unwrap_or(&[])));
             if fed_through_child {
                 below += 1;
                 continue;
@@ -1184,6 +1206,16 @@ mod tests {
         let mut got = s.parents.clone();
         got.sort();
         assert_eq!(got, ["p1", "seed"]);
+        // An empty child of p0 that the seed also feeds is a parent of p0 as well: both
+        // trade what they get from the seed (a mesh from the first piece on).
+        let mut r4 = swarm(2, 8);
+        r4.add_edge("seed", "p1");
+        r4.add_edge("p0", "p1");
+        let s = r4.schedule("p0", &limits(), &mut rng).unwrap();
+        let mut got = s.parents.clone();
+        got.sort();
+        assert_eq!(got, ["p1", "seed"]);
+        r4.check_invariants().unwrap();
     }
 
     #[test]

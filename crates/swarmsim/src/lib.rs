@@ -8,10 +8,10 @@
 //!
 //! The seed peer is modelled as the daemon runs it: it fetches the task from the origin
 //! (a source of `origin_bps`, ranged reads `concurrency` at a time) and deals each fresh
-//! piece to one child first (super-seeding: others are offered it 12 s after it was first
-//! served, or 30 s after it arrived).
+//! piece to one child first ([`seed`]: super-seeding with rate-following dealing).
 
 pub mod flow;
+pub mod seed;
 
 use d7y_picker::{ParentId, Picker, Source};
 use d7y_scheduler::resource::{Limits, Resources};
@@ -23,9 +23,6 @@ use rand::SeedableRng;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-/// The seed's super-seeding waits (as `dfdaemon::superseed`).
-const RELAY_GRACE: f64 = 12.0;
-const MAX_DEFER: f64 = 30.0;
 /// Attempts (one per refresh interval) after which a peer without parents takes a full
 /// one or goes to the origin (the scheduler's `retryBackToSourceLimit`).
 const RETRY_BACK_TO_SOURCE_LIMIT: u32 = 4;
@@ -292,13 +289,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
     nodes[seed].picker.set_origin_budget(sc.concurrency as u32);
     // Who takes from whom: parent host -> children hosts.
     let mut subs: Vec<HashSet<usize>> = vec![HashSet::new(); n + 1];
-    // The seed's super-seeding: its children in arrival order, pieces dealt, first served,
-    // arrival times, and pending offers (time, child, piece).
-    let mut seed_children: Vec<usize> = Vec::new();
-    let mut dealt: HashMap<u32, usize> = HashMap::new();
-    let mut served: HashMap<u32, f64> = HashMap::new();
-    let mut arrived: HashMap<u32, f64> = HashMap::new();
-    let mut offers: Vec<(f64, usize, u32)> = Vec::new();
+    let mut superseed = seed::SuperSeed::new(count);
 
     let mut report = Report {
         name: sc.name.clone(),
@@ -312,41 +303,6 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
     let mut flows: Vec<Flow> = Vec::new();
     let mut rates: Vec<f64> = Vec::new();
     let mut t = 0.0;
-
-    // When the seed may offer piece `p` to `child` (None: now).
-    let seed_release = |child: usize,
-                        p: u32,
-                        t: f64,
-                        seed_children: &[usize],
-                        dealt: &mut HashMap<u32, usize>,
-                        served: &HashMap<u32, f64>,
-                        arrived: &HashMap<u32, f64>|
-     -> Option<f64> {
-        let age = t - arrived.get(&p).copied().unwrap_or(t);
-        if age >= MAX_DEFER || seed_children.len() <= 1 {
-            return None;
-        }
-        let owner = match dealt.get(&p) {
-            Some(o) => *o,
-            None if served.contains_key(&p) => return None,
-            None => {
-                let o = seed_children[p as usize % seed_children.len()];
-                dealt.insert(p, o);
-                o
-            }
-        };
-        if owner == child {
-            return None;
-        }
-        let cap = t + (MAX_DEFER - age);
-        match served.get(&p) {
-            Some(first) => {
-                let at = first + RELAY_GRACE;
-                (at > t).then_some(at.min(cap))
-            }
-            None => Some(cap),
-        }
-    };
 
     while t < limit {
         // Churn.
@@ -370,7 +326,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                         f.to != victim
                     }
                 });
-                leave_seed(victim, t, &mut seed_children, &mut dealt, &mut offers);
+                superseed.leave(victim, t);
             }
         }
         // Joins and parent sets.
@@ -448,7 +404,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                 node.retired.insert(p, h);
                 subs[p].remove(&i);
                 if p == seed {
-                    leave_seed(i, t, &mut seed_children, &mut dealt, &mut offers);
+                    superseed.leave(i, t);
                 }
             }
             for p in wanted {
@@ -465,62 +421,27 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                 nodes[i].picker.set_usable(h, true);
                 nodes[i].parents.insert(p, h);
                 subs[p].insert(i);
-                if p == seed && !seed_children.contains(&i) {
-                    seed_children.push(i);
+                if p == seed {
+                    superseed.join(i);
                 }
                 // The new parent's SyncPieces: what it holds or is receiving now (the
                 // seed: what it offers).
                 let held: Vec<u32> = offered(&nodes[p].picker, p != seed);
                 for piece in held {
-                    if p == seed {
-                        match seed_release(
-                            i,
-                            piece,
-                            t,
-                            &seed_children,
-                            &mut dealt,
-                            &served,
-                            &arrived,
-                        ) {
-                            None => nodes[i].picker.available(h, piece),
-                            Some(at) => offers.push((at, i, piece)),
-                        }
-                    } else {
+                    if p != seed || superseed.offer(i, piece, t) {
                         nodes[i].picker.available(h, piece);
                     }
                 }
             }
         }
         // Due offers from the seed.
-        if !offers.is_empty() {
-            let mut due = Vec::new();
-            offers.retain(|o| {
-                if o.0 <= t {
-                    due.push(*o);
-                    false
-                } else {
-                    true
-                }
-            });
-            for (_, child, piece) in due {
-                let Some(h) = nodes[child].parents.get(&seed).copied() else {
-                    continue;
-                };
-                match seed_release(
-                    child,
-                    piece,
-                    t,
-                    &seed_children,
-                    &mut dealt,
-                    &served,
-                    &arrived,
-                ) {
-                    None => {
-                        nodes[child].picker.available(h, piece);
-                        nodes[child].dirty = true;
-                    }
-                    Some(at) => offers.push((at, child, piece)),
-                }
+        for (child, piece) in superseed.due(t) {
+            let Some(h) = nodes[child].parents.get(&seed).copied() else {
+                continue;
+            };
+            if superseed.offer(child, piece, t) {
+                nodes[child].picker.available(h, piece);
+                nodes[child].dirty = true;
             }
         }
         // Dispatch.
@@ -543,11 +464,8 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                         .map(|(k, _)| k)
                         .expect("a current parent"),
                 };
-                if from == seed && !served.contains_key(&piece) {
-                    served.insert(piece, t);
-                    for c in &seed_children {
-                        offers.push((t + RELAY_GRACE, *c, piece));
-                    }
+                if from == seed {
+                    superseed.served(piece, t);
                 }
                 let relayed = from < n && !nodes[from].picker.has(piece);
                 let bytes = piece_bytes(piece);
@@ -583,6 +501,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
             to: f.to,
         }));
         flow::allocate(&up, &down, &flows, &mut rates);
+        // SWARMSIM_TRACE=1: link use, fetches and parents every half second, on stderr.
         if std::env::var_os("SWARMSIM_TRACE").is_some() && (t / 0.5).fract() < sc.dt / 0.5 {
             let mut used_up = vec![0.0; n + 2];
             let mut used_down = vec![0.0; n + 2];
@@ -601,7 +520,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
             let parents: f64 = (0..n).map(|i| nodes[i].parents.len()).sum::<usize>() as f64 / n as f64;
             let orphans = (0..n).filter(|i| nodes[*i].parents.is_empty()).count();
             let seed_kids = subs[seed].len();
-            let offers_len = offers.len();
+            let offers_len = superseed.pending.len();
             eprintln!(
                 "t={t:6.2} peers_up={peers_up:.2} seed_up={:.2} down={down_util:.2} active={active} fetches={inflight} parents={parents:.1} orphans={orphans} seed_children={seed_kids} offers={offers_len}",
                 used_up[seed] / up[seed]
@@ -694,7 +613,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                     report.from_peers[f.to] += f.bytes;
                 }
                 if f.to == seed {
-                    arrived.insert(f.piece, t);
+                    superseed.arrived(f.piece, t);
                 }
                 let done = node.picker.is_done();
                 {
@@ -716,20 +635,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                     let Some(h) = nodes[c].parents.get(&f.to).copied() else {
                         continue;
                     };
-                    if f.to == seed {
-                        match seed_release(
-                            c,
-                            f.piece,
-                            t,
-                            &seed_children,
-                            &mut dealt,
-                            &served,
-                            &arrived,
-                        ) {
-                            None => nodes[c].picker.available(h, f.piece),
-                            Some(at) => offers.push((at, c, f.piece)),
-                        }
-                    } else {
+                    if f.to != seed || superseed.offer(c, f.piece, t) {
                         nodes[c].picker.available(h, f.piece);
                     }
                     nodes[c].dirty = true;
@@ -747,22 +653,6 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
     report.simulated = t;
     report.wall = wall.elapsed();
     report
-}
-
-/// `child` stops taking from the seed: the pieces dealt to it are offered to the other
-/// children now (the seed's `leave`).
-fn leave_seed(
-    child: usize,
-    t: f64,
-    seed_children: &mut Vec<usize>,
-    dealt: &mut HashMap<u32, usize>,
-    offers: &mut Vec<(f64, usize, u32)>,
-) {
-    seed_children.retain(|c| *c != child);
-    for (piece, _) in dealt.iter().filter(|(_, o)| **o == child) {
-        offers.extend(seed_children.iter().map(|c| (t, *c, *piece)));
-    }
-    dealt.retain(|_, o| *o != child);
 }
 
 /// What a parent's SyncPieces stream announces: the pieces it holds and, with

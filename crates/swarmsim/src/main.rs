@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release -p d7y-swarmsim -- [--peers 4,8,16] [--size-mib 256] [--rate-mbit 200]
 //!     [--shape equal|half|quarter] [--late 0.33] [--kill] [--dt 0.01] [--refresh 0.5] [--refresh-max 4]
-//!     [--no-rates] [--seed 1]
+//!     [--no-rates] [--seed 1] [--max-children 8] [--candidate-parents 8]
 //! ```
 //!
 //! `--shape half`: every other host at half the rate; `quarter`: one host at a quarter.
@@ -60,6 +60,9 @@ fn main() {
         sc.refresh_max = num("--refresh-max", 4.0).max(sc.refresh);
         sc.announce_rates = !flag("--no-rates");
         sc.rng_seed = num("--seed", 1.0) as u64;
+        sc.limits.max_children = num("--max-children", sc.limits.max_children as f64) as u32;
+        sc.limits.candidate_parents =
+            num("--candidate-parents", sc.limits.candidate_parents as f64) as usize;
         let mut name = shape.clone();
         match shape.as_str() {
             "equal" => {}

@@ -186,6 +186,7 @@ fn check_outputs(outputs: &[PathBuf], data: &[u8], what: &str) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_dragonfly(
     hosts: &Hosts,
     nginx: &Nginx,

@@ -225,8 +225,13 @@ impl DfdaemonUpload for UploadService {
                 deferred.retain(|piece| {
                     let release = slot.as_ref().and_then(|slot| {
                         let age = Duration::from_secs(now_secs.saturating_sub(piece.created_at));
-                        slot.seed
-                            .release_at(&slot.task_id, &slot.host_id, piece.number, age)
+                        slot.seed.release_at(
+                            &slot.task_id,
+                            &slot.host_id,
+                            piece.number,
+                            age,
+                            state.piece_count().filter(|_| state.outcome.is_some()),
+                        )
                     });
                     match release {
                         None => {
