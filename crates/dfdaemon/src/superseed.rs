@@ -5,9 +5,9 @@
 //! (keyed by host, so reconnects keep their count): a child takes new pieces as fast as it
 //! fetches them, so a slow child is dealt few and holds nobody back, and the seed's upload
 //! splits over the children in proportion to their rates, as Kumar–Ross's optimal scheme
-//! splits it. Once every piece of the task has gone out once (dealt and fetched, or
-//! fetched), nothing distinct is left for the seed's upload to carry, and nothing is held
-//! back any more: a slow child's pieces then come from the seed too. Meanwhile the
+//! splits it. Once every piece of the task has been dealt or served, nothing distinct is
+//! left for the seed's upload to carry, and nothing is held back any more: a slow child's
+//! pieces then come from the seed too. Meanwhile the
 //! other children take it from the child that got it, so the seed's upload carries distinct
 //! pieces instead of the same piece N times (Kumar–Ross: the server pushes one copy).
 //! Pieces older than [`MAX_DEFER`] (a seed that finished long ago) are offered to everyone.
@@ -35,8 +35,8 @@ pub struct SuperSeed {
     dealt: Mutex<HashMap<(String, u32), String>>,
     /// Per (task, host): pieces dealt to it that it has not requested yet.
     outstanding: Mutex<HashMap<(String, String), u32>>,
-    /// Per task: how many distinct pieces were served.
-    served_count: Mutex<HashMap<String, u32>>,
+    /// Per task: how many distinct pieces were dealt or served.
+    claimed: Mutex<HashMap<String, u32>>,
 }
 
 impl SuperSeed {
@@ -81,10 +81,7 @@ impl SuperSeed {
                     .lock()
                     .expect("super seed")
                     .retain(|(t, _), _| t != task_id);
-                self.served_count
-                    .lock()
-                    .expect("super seed")
-                    .remove(task_id);
+                self.claimed.lock().expect("super seed").remove(task_id);
             }
         }
     }
@@ -99,22 +96,28 @@ impl SuperSeed {
             first
         };
         if first {
-            *self
-                .served_count
-                .lock()
-                .expect("super seed")
-                .entry(task_id.to_string())
-                .or_default() += 1;
             // The piece's owner asked for it (others are not told of it yet): one fewer
             // outstanding, so it may be dealt another.
             let owner = self.dealt.lock().expect("super seed").get(&key).cloned();
-            if let Some(owner) = owner {
-                let mut outstanding = self.outstanding.lock().expect("super seed");
-                if let Some(n) = outstanding.get_mut(&(task_id.to_string(), owner)) {
-                    *n = n.saturating_sub(1);
+            match owner {
+                Some(owner) => {
+                    let mut outstanding = self.outstanding.lock().expect("super seed");
+                    if let Some(n) = outstanding.get_mut(&(task_id.to_string(), owner)) {
+                        *n = n.saturating_sub(1);
+                    }
                 }
+                None => self.claim(task_id),
             }
         }
+    }
+
+    fn claim(&self, task_id: &str) {
+        *self
+            .claimed
+            .lock()
+            .expect("super seed")
+            .entry(task_id.to_string())
+            .or_default() += 1;
     }
 
     /// When `host_id` may be told of piece `number`, which became available here `age` ago:
@@ -131,8 +134,8 @@ impl SuperSeed {
             return None;
         }
         let all_out = piece_count.is_some_and(|count| {
-            let served = self.served_count.lock().expect("super seed");
-            served.get(task_id).copied().unwrap_or(0) >= count
+            let claimed = self.claimed.lock().expect("super seed");
+            claimed.get(task_id).copied().unwrap_or(0) >= count
         });
         if all_out {
             return None;
@@ -160,6 +163,8 @@ impl SuperSeed {
                     if *mine < DEAL_AHEAD {
                         *mine += 1;
                         e.insert(host_id.to_string());
+                        drop(outstanding);
+                        self.claim(task_id);
                         return None;
                     }
                     // This child has enough waiting: the piece stays free for a child that
@@ -240,19 +245,18 @@ mod tests {
     }
 
     #[test]
-    fn nothing_is_held_back_once_every_piece_went_out_once() {
+    fn nothing_is_held_back_once_every_piece_was_dealt_or_served() {
         let s = SuperSeed::default();
         for host in ["a", "b"] {
             s.join("t", host);
         }
-        assert_eq!(s.release_at("t", "a", 0, Duration::ZERO, Some(2)), None);
-        assert_eq!(s.release_at("t", "b", 1, Duration::ZERO, Some(2)), None);
+        assert_eq!(s.release_at("t", "a", 0, Duration::ZERO, Some(3)), None);
+        assert_eq!(s.release_at("t", "b", 1, Duration::ZERO, Some(3)), None);
         s.served("t", 0);
-        assert!(s.release_at("t", "b", 0, Duration::ZERO, Some(2)).is_some());
-        // Piece 1 goes out too: both pieces have left the seed once; b may have 0 now.
-        s.served("t", 1);
-        s.served("t", 1);
-        assert_eq!(s.release_at("t", "b", 0, Duration::ZERO, Some(2)), None);
+        assert!(s.release_at("t", "b", 0, Duration::ZERO, Some(3)).is_some());
+        // Piece 2 is dealt too: every piece is out; b may have 0 now.
+        assert_eq!(s.release_at("t", "a", 2, Duration::ZERO, Some(3)), None);
+        assert_eq!(s.release_at("t", "b", 0, Duration::ZERO, Some(3)), None);
         assert!(
             s.release_at("t", "b", 0, Duration::ZERO, None).is_some(),
             "an unknown piece count holds back as before"
