@@ -10,6 +10,7 @@
 //! (a source of `origin_bps`, ranged reads `concurrency` at a time) and deals each fresh
 //! piece to one child first ([`seed`]: super-seeding with rate-following dealing).
 
+pub mod cost;
 pub mod flow;
 pub mod seed;
 

@@ -4,13 +4,55 @@
 //! cargo run --release -p d7y-swarmsim -- [--peers 4,8,16] [--size-mib 256] [--rate-mbit 200]
 //!     [--shape equal|half|quarter] [--late 0.33] [--kill] [--dt 0.01] [--refresh 0.5] [--refresh-max 4]
 //!     [--no-rates] [--seed 1] [--max-children 8] [--candidate-parents 8]
+//! cargo run --release -p d7y-swarmsim -- --scheduler-cost --peers 1000,10000,100000
+//!     [--tasks 1,10000] [--pieces 256]
 //! ```
 //!
 //! `--shape half`: every other host at half the rate; `quarter`: one host at a quarter.
 //! `--late F`: the last third of the hosts join when the others are F of the way (in
 //! bound time); `--kill`: host 0 dies at a third of the bound. One row per N.
+//! `--scheduler-cost`: the scheduler alone, CPU per decision and memory per peer (peers
+//! and their seeds) for each number of peers, in one task and spread over `--tasks`.
 
 use d7y_swarmsim::{run, HostSpec, Scenario};
+
+/// Resident memory of this process (bytes), from /proc/self/statm.
+fn resident() -> usize {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<usize>().ok())
+        .unwrap_or(0)
+        * 4096
+}
+
+/// `--scheduler-cost`: CPU per decision and memory per peer for each (peers, tasks).
+fn scheduler_cost(peers: &[usize]) {
+    let tasks: Vec<usize> = arg("--tasks")
+        .unwrap_or_else(|| "1,10000".into())
+        .split(',')
+        .filter_map(|t| t.trim().parse().ok())
+        .collect();
+    let pieces = num("--pieces", 256.0) as u32;
+    println!("| peers | tasks | µs per decision | ns per has_available_peer + back_to_source_count | resident memory per peer (bytes) | setup (s) |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for &n in peers {
+        for &t in &tasks {
+            let t = t.min(n).max(1);
+            let before = resident();
+            let mut res = d7y_scheduler::resource::Resources::default();
+            let c = d7y_swarmsim::cost::measure(&mut res, n, t, pieces, 20_000);
+            let bytes = resident().saturating_sub(before);
+            println!(
+                "| {n} | {t} | {:.1} | {:.0} | {} | {:.1} |",
+                c.per_decision.as_secs_f64() * 1e6,
+                c.per_check.as_secs_f64() * 1e9,
+                bytes / (n + t),
+                c.setup.as_secs_f64()
+            );
+            drop(res);
+        }
+    }
+}
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -45,6 +87,10 @@ fn main() {
             })
         })
         .collect();
+    if flag("--scheduler-cost") {
+        scheduler_cost(&peers);
+        return;
+    }
     let size = (num("--size-mib", 256.0) * 1048576.0) as u64;
     let rate = num("--rate-mbit", 200.0) * 1e6;
     let shape = arg("--shape").unwrap_or_else(|| "equal".into());
