@@ -19,7 +19,8 @@
 //! limits set to it). `--late F` starts the last third of the downloaders (in every
 //! system) when the others are F of the way, in bound time. Each row carries the bound for
 //! those rates and join times, the simulator's prediction for the same scenario
-//! (`d7y-swarmsim`), and the machine's idle CPU during the run.
+//! (`d7y-swarmsim`), and the machine's idle CPU during the run. `--kill F` kills downloader
+//! 1 (its daemon, or its BitTorrent client) at F of T*: churn; the others must finish.
 
 use d7y_testkit::bench::{arg, parse_rate, quantile};
 use d7y_testkit::netns::{HostSwarm, Hosts, SUBNET_GW};
@@ -131,11 +132,13 @@ impl Drop for Nginx {
 }
 
 /// Starts downloader `i` (`spawn(i)`) `joins[i]` seconds after `start` and waits for every
-/// one, recording when each ends (seconds since `start`).
+/// one, recording when each ends (seconds since `start`); downloader `victim` may fail
+/// (it was killed), and its time is NaN.
 fn run_timed(
     joins: &[f64],
     start: Instant,
     what: &str,
+    victim: Option<usize>,
     spawn: impl Fn(usize) -> Child + Sync,
 ) -> Vec<f64> {
     let times = Mutex::new(vec![0.0; joins.len()]);
@@ -146,6 +149,10 @@ fn run_timed(
                 let at = start + Duration::from_secs_f64(*join);
                 std::thread::sleep(at.saturating_duration_since(Instant::now()));
                 let out = spawn(i).wait_with_output().unwrap();
+                if victim == Some(i) {
+                    times.lock().unwrap()[i] = f64::NAN;
+                    return;
+                }
                 assert!(
                     out.status.success(),
                     "{what} on host {} failed: {}",
@@ -179,8 +186,16 @@ fn idle_since((idle0, total0): (u64, u64)) -> f64 {
     (idle - idle0) as f64 / (total - total0).max(1) as f64
 }
 
-fn check_outputs(outputs: &[PathBuf], data: &[u8], what: &str) {
+/// The times of the downloaders that finished (not the killed one).
+fn done(times: &[f64]) -> Vec<f64> {
+    times.iter().copied().filter(|t| !t.is_nan()).collect()
+}
+
+fn check_outputs(outputs: &[PathBuf], data: &[u8], what: &str, victim: Option<usize>) {
     for (i, o) in outputs.iter().enumerate() {
+        if victim == Some(i) {
+            continue;
+        }
         let got = std::fs::read(o).unwrap_or_default();
         assert!(got == data, "{what}: host {} output differs", i + 1);
     }
@@ -196,6 +211,7 @@ fn run_dragonfly(
     n: usize,
     scheduler_yaml: &str,
     joins: &[f64],
+    kill: Option<f64>,
 ) -> SystemResult {
     let dir = dir.join("dragonfly");
     let swarm =
@@ -206,19 +222,33 @@ fn run_dragonfly(
     let outputs: Vec<PathBuf> = (1..=n).map(|i| dir.join(format!("out{i}"))).collect();
     let cpu = cpu_jiffies();
     let start = Instant::now();
-    let times = run_timed(joins, start, "dfget", |i| {
-        peers[i]
-            .dfget(url, &outputs[i])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+    let victim = kill.map(|_| 0);
+    let times = std::thread::scope(|scope| {
+        if let Some(at) = kill {
+            let peers = &swarm.peers;
+            scope.spawn(move || {
+                std::thread::sleep(Duration::from_secs_f64(at));
+                peers[0].signal("-KILL");
+            });
+        }
+        run_timed(joins, start, "dfget", victim, |i| {
+            peers[i]
+                .dfget(url, &outputs[i])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
     });
     let cpu_idle = idle_since(cpu);
-    check_outputs(&outputs, data, "dragonfly");
+    check_outputs(&outputs, data, "dragonfly", victim);
     let sources = peers
         .iter()
-        .map(|p| {
+        .enumerate()
+        .map(|(i, p)| {
+            if victim == Some(i) {
+                return (0, 0, 0);
+            }
             let s = bytes_by_source(p);
             (s.origin, s.seed, s.peers)
         })
@@ -300,6 +330,7 @@ fn start_tracker(port: u16) -> std::thread::JoinHandle<()> {
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_aria2(
     hosts: &Hosts,
     dir: &Path,
@@ -308,6 +339,7 @@ fn run_aria2(
     n: usize,
     tracker_port: u16,
     joins: &[f64],
+    kill: Option<f64>,
 ) -> SystemResult {
     let dir = dir.join("aria2");
     std::fs::create_dir_all(&dir).unwrap();
@@ -361,7 +393,16 @@ fn run_aria2(
     let mut started = vec![false; n];
     let mut times = vec![0.0; n];
     let deadline = Instant::now() + Duration::from_secs(3600);
+    let mut killed = false;
     while times.contains(&0.0) {
+        if let Some(at) = kill {
+            if !killed && start.elapsed().as_secs_f64() >= at && !leechers.is_empty() {
+                killed = true;
+                let victim: &mut Child = &mut leechers[0];
+                let _ = victim.kill();
+                times[0] = f64::NAN;
+            }
+        }
         for (i, out) in outputs.iter().enumerate() {
             if started[i] || start.elapsed().as_secs_f64() < joins[i] {
                 continue;
@@ -403,7 +444,7 @@ fn run_aria2(
     let _ = seeder.kill();
     let _ = seeder.wait();
     let files: Vec<PathBuf> = outputs.iter().map(|o| o.join("file.bin")).collect();
-    check_outputs(&files, data, "aria2");
+    check_outputs(&files, data, "aria2", kill.map(|_| 0));
     SystemResult {
         name: "aria2 (BitTorrent)".into(),
         cpu_idle,
@@ -429,7 +470,7 @@ fn run_curl(
     let outputs: Vec<PathBuf> = (1..=n).map(|i| dir.join(format!("out{i}"))).collect();
     let cpu = cpu_jiffies();
     let start = Instant::now();
-    let times = run_timed(&vec![0.0; n], start, "curl", |i| {
+    let times = run_timed(&vec![0.0; n], start, "curl", None, |i| {
         hosts
             .exec(i + 1, "curl")
             .args(["-sf", "-o"])
@@ -440,7 +481,7 @@ fn run_curl(
             .unwrap()
     });
     let cpu_idle = idle_since(cpu);
-    check_outputs(&outputs, data, "curl");
+    check_outputs(&outputs, data, "curl", None);
     SystemResult {
         name: "curl (client-server)".into(),
         cpu_idle,
@@ -463,8 +504,8 @@ fn targets(
     equal: bool,
     size: f64,
 ) -> Vec<(String, String, bool)> {
-    let p50 = quantile(&df.times, 0.5);
-    let max = quantile(&df.times, 1.0);
+    let p50 = quantile(&done(&df.times), 0.5);
+    let max = quantile(&done(&df.times), 1.0);
     let origin = df.origin_bytes as f64 / size;
     let mut rows = Vec::new();
     if equal {
@@ -478,7 +519,8 @@ fn targets(
     let share = df
         .sources
         .iter()
-        .map(|(o, s, p)| *p as f64 / (o + s + p).max(1) as f64)
+        .filter(|(o, s, p)| o + s + p > 0)
+        .map(|(o, s, p)| *p as f64 / (o + s + p) as f64)
         .fold(1.0, f64::min);
     rows.push((
         "every peer takes ≥ half from peers".to_string(),
@@ -486,7 +528,7 @@ fn targets(
         share >= 0.5,
     ));
     if let Some(a) = aria2 {
-        let ratio = p50 / quantile(&a.times, 0.5);
+        let ratio = p50 / quantile(&done(&a.times), 0.5);
         rows.push((
             "p50 ≤ 0.8 × aria2's".to_string(),
             format!("{ratio:.2}x aria2"),
@@ -539,6 +581,7 @@ fn main() {
     let rate = arg("--rate", "200mbit");
     let rates_spec = arg("--rates", "");
     let late: f64 = arg("--late", "0").parse().expect("--late takes a fraction like 0.5");
+    let kill_frac: f64 = arg("--kill", "0").parse().expect("--kill takes a fraction like 0.33");
     let systems = arg("--systems", "dragonfly,aria2,curl");
     let scheduler_yaml = arg("--scheduler-yaml", "");
     let out = PathBuf::from(arg("--out", "target/netns-bench"));
@@ -568,7 +611,9 @@ fn main() {
     let joins: Vec<f64> = (0..n)
         .map(|i| if late > 0.0 && i >= late_from { late * t_star } else { 0.0 })
         .collect();
-    let sc = scenario(size as u64, seed_bps, &bps, &joins);
+    let mut sc = scenario(size as u64, seed_bps, &bps, &joins);
+    let kill = (kill_frac > 0.0).then_some(kill_frac * t_star);
+    sc.kill = kill.map(|at| (0, at));
     let host_bounds: Vec<f64> = (0..n).map(|i| sc.host_bound(i)).collect();
     let bound = host_bounds.iter().copied().fold(0.0, f64::max);
     let f_bits = size as f64 * 8.0;
@@ -602,16 +647,17 @@ fn main() {
                 n,
                 &scheduler_yaml,
                 &joins,
+                kill,
             ),
-            "aria2" => run_aria2(&hosts, work.path(), &www, &data, n, tracker_port, &joins),
+            "aria2" => run_aria2(&hosts, work.path(), &www, &data, n, tracker_port, &joins, kill),
             "curl" => run_curl(&hosts, &nginx, work.path(), &url, &data, n),
             other => panic!("unknown system {other}"),
         };
         eprintln!(
             "  {}: p50 {:.2}s max {:.2}s (T* {t_star:.2}s), CPU idle {:.0}%",
             r.name,
-            quantile(&r.times, 0.5),
-            quantile(&r.times, 1.0),
+            quantile(&done(&r.times), 0.5),
+            quantile(&done(&r.times), 1.0),
             r.cpu_idle * 100.0
         );
         results.push(r);
@@ -628,6 +674,10 @@ fn main() {
             peer_rates.join(", ")
         )
     };
+    let kill_note = match kill {
+        Some(at) => format!("; downloader 1 killed at {at:.1} s ({kill_frac} of T*)"),
+        None => String::new(),
+    };
     let join_note = if late > 0.0 {
         format!(
             "; downloaders {}..{n} join at {:.1} s ({late} of T*), bound for these joins {bound:.1} s",
@@ -639,7 +689,7 @@ fn main() {
     };
     md += &format!(
         "{n} downloaders + origin host, F = {size_mib} MiB, {links}; \
-         T* = max(F/u_s, F/d_min, N·F/(u_s+Σu_i)) = {t_star:.1} s{join_note} (client-server bound {t_cs:.1} s)\n\n"
+         T* = max(F/u_s, F/d_min, N·F/(u_s+Σu_i)) = {t_star:.1} s{join_note}{kill_note} (client-server bound {t_cs:.1} s)\n\n"
     );
     md += "| system | p50 | p90 | max | p50 / T* | max / T* | max / bound | slowest fast host / its bound | origin egress / F | origin host egress / F | CPU idle |\n";
     md += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
@@ -649,15 +699,15 @@ fn main() {
             .iter()
             .zip(&host_bounds)
             .zip(&full_rate)
-            .filter(|(_, fast)| **fast)
+            .filter(|((t, _), fast)| **fast && !t.is_nan())
             .map(|((t, b), _)| t / b)
             .fold(0.0, f64::max)
     };
     for r in &results {
         let (p50, p90, max) = (
-            quantile(&r.times, 0.5),
-            quantile(&r.times, 0.9),
-            quantile(&r.times, 1.0),
+            quantile(&done(&r.times), 0.5),
+            quantile(&done(&r.times), 0.9),
+            quantile(&done(&r.times), 1.0),
         );
         md += &format!(
             "| {} | {p50:.2} s | {p90:.2} s | {max:.2} s | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {:.3} | {:.0}% |\n",
@@ -684,7 +734,7 @@ fn main() {
         sim.origin_bytes as f64 / size as f64,
     );
     if let Some(df) = results.iter().find(|r| r.name == "dragonfly") {
-        let measured = quantile(&df.times, 0.5);
+        let measured = quantile(&done(&df.times), 0.5);
         md += &format!(
             "\nSimulator vs measurement (Dragonfly p50): predicted {sim_p50:.2} s, measured {measured:.2} s, \
              residual {:+.1}%\n",
@@ -708,7 +758,7 @@ fn main() {
             }
         );
         md += "| target (issue 13) | measured | met |\n|---|---:|---|\n";
-        let equal = rates_spec.is_empty() && late == 0.0;
+        let equal = rates_spec.is_empty() && late == 0.0 && kill.is_none();
         for (target, measured, met) in targets(df, aria2, t_star, bound, equal, size as f64) {
             md += &format!(
                 "| {target} | {measured} | {} |\n",
@@ -725,16 +775,17 @@ fn main() {
                 md += &format!(
                     "\nDragonfly vs {}: p50 {:.2}x, max {:.2}x (below 1 = Dragonfly faster)\n",
                     r.name,
-                    quantile(&df.times, 0.5) / quantile(&r.times, 0.5),
-                    quantile(&df.times, 1.0) / quantile(&r.times, 1.0)
+                    quantile(&done(&df.times), 0.5) / quantile(&done(&r.times), 0.5),
+                    quantile(&done(&df.times), 1.0) / quantile(&done(&r.times), 1.0)
                 );
             }
         }
     }
     let json = format!(
-        "{{\"peers\":{n},\"size\":{size},\"rate\":\"{rate}\",\"rates\":\"{}\",\"joins\":[{}],\"t_star\":{t_star},\"bound\":{bound},\"sim_times\":[{}],\"results\":[{}]}}",
+        "{{\"peers\":{n},\"size\":{size},\"rate\":\"{rate}\",\"rates\":\"{}\",\"joins\":[{}],\"kill\":{},\"t_star\":{t_star},\"bound\":{bound},\"sim_times\":[{}],\"results\":[{}]}}",
         peer_rates.join(","),
         joins.iter().map(|j| format!("{j:.3}")).collect::<Vec<_>>().join(","),
+        kill.map_or("null".to_string(), |k| format!("{k:.3}")),
         sim.sorted().iter().map(|t| format!("{t:.3}")).collect::<Vec<_>>().join(","),
         results.iter().map(SystemResult::to_json).collect::<Vec<_>>().join(",")
     );
