@@ -361,6 +361,17 @@ impl<'a> Engine<'a> {
                 .await
                 .map_err(EngineExit::Failed)?,
         };
+        // The swarm's pieces are laid out for one length: an origin that now serves
+        // another content cannot fill them.
+        if let Some(len) = probe.stat.content_length {
+            if len != self.layout.content_length {
+                return Err(EngineExit::Failed(TaskError::LengthMismatch {
+                    url: self.plan.url.to_string(),
+                    expected: self.layout.content_length,
+                    actual: len,
+                }));
+            }
+        }
         if !probe.stat.supports_range {
             return Err(EngineExit::Streamed {
                 reason: reason.to_string(),
