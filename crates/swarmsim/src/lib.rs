@@ -21,7 +21,7 @@ use dragonfly_api::common::v2 as common;
 use flow::Flow;
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 /// Attempts (one per refresh interval) after which a peer without parents takes a full
@@ -205,11 +205,11 @@ struct Fetching {
 struct Node {
     picker: Picker,
     /// Current parents: host index -> handle.
-    parents: HashMap<usize, ParentId>,
+    parents: BTreeMap<usize, ParentId>,
     /// Parents taken back by the scheduler, kept under their handle (as the daemon's
     /// retired parents): handed back, they are restored with their rate and their fetches
     /// still in flight.
-    retired: HashMap<usize, ParentId>,
+    retired: BTreeMap<usize, ParentId>,
     joined: bool,
     alive: bool,
     done: Option<f64>,
@@ -289,8 +289,8 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
     let mut nodes: Vec<Node> = (0..=n)
         .map(|_| Node {
             picker: Picker::new(count, picker_cfg.clone()),
-            parents: HashMap::new(),
-            retired: HashMap::new(),
+            parents: BTreeMap::new(),
+            retired: BTreeMap::new(),
             joined: false,
             alive: true,
             done: None,
@@ -304,7 +304,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
     nodes[seed].joined = true;
     nodes[seed].picker.set_origin_budget(sc.concurrency as u32);
     // Who takes from whom: parent host -> children hosts.
-    let mut subs: Vec<HashSet<usize>> = vec![HashSet::new(); n + 1];
+    let mut subs: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); n + 1];
     let mut superseed = seed::SuperSeed::new(count);
 
     let mut report = Report {
@@ -398,7 +398,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
             }
             node.failures = 0;
             node.dirty = true;
-            let wanted: HashSet<usize> = scheduled
+            let wanted: BTreeSet<usize> = scheduled
                 .parents
                 .iter()
                 .map(|id| id[1..].parse::<usize>().expect("p<index>"))

@@ -6,7 +6,7 @@
 //! Once every piece has been dealt or served, nothing distinct is left for the seed's
 //! upload, and nothing is held back.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// The daemon's waits (`dfdaemon::superseed`).
 pub const RELAY_GRACE: f64 = 12.0;
@@ -22,7 +22,7 @@ pub struct SuperSeed {
     /// Children syncing with the seed, in arrival order.
     pub children: Vec<usize>,
     /// Piece -> the child it was dealt to.
-    dealt: HashMap<u32, usize>,
+    dealt: BTreeMap<u32, usize>,
     /// Child -> pieces dealt to it and not fetched yet.
     outstanding: HashMap<usize, u32>,
     /// Piece -> when the seed first served it.
