@@ -199,7 +199,7 @@ mod tests {
         );
         s.join("t", "b");
         s.join("t", "b"); // a reconnect keeps b's count
-        // Told first, each child is dealt the piece: 0 to a, 2 to b.
+                          // Told first, each child is dealt the piece: 0 to a, 2 to b.
         assert_eq!(s.release_at("t", "a", 0, Duration::ZERO, None), None);
         assert_eq!(s.release_at("t", "b", 2, Duration::ZERO, None), None);
         let later = s
@@ -207,7 +207,9 @@ mod tests {
             .expect("held back");
         assert!(later > Instant::now() + MAX_DEFER - Duration::from_secs(1));
         s.served("t", 0);
-        let sooner = s.release_at("t", "b", 0, Duration::ZERO, None).expect("grace");
+        let sooner = s
+            .release_at("t", "b", 0, Duration::ZERO, None)
+            .expect("grace");
         assert!(sooner <= Instant::now() + RELAY_GRACE);
         // Old pieces are not held back.
         assert_eq!(s.release_at("t", "b", 3, MAX_DEFER, None), None);
@@ -290,7 +292,9 @@ mod tests {
             let mut got = Vec::new();
             for n in 4..8 {
                 assert!(s.release_at("t", "slow", n, Duration::ZERO, None).is_some());
-                if s.release_at("t", "fast", n, Duration::ZERO, None).is_none() && !dealt["fast"].contains(&n) {
+                if s.release_at("t", "fast", n, Duration::ZERO, None).is_none()
+                    && !dealt["fast"].contains(&n)
+                {
                     got.push(n);
                 }
             }

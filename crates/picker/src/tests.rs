@@ -368,8 +368,9 @@ fn equal_unmeasured_parents_share_the_first_picks() {
         let (_, s) = p.next(None, &mut r).unwrap();
         firsts.insert(s);
         // Every parent gets one before any gets a second.
-        let rest: std::collections::HashSet<_> =
-            std::iter::from_fn(|| p.next(None, &mut r)).map(|(_, s)| s).collect();
+        let rest: std::collections::HashSet<_> = std::iter::from_fn(|| p.next(None, &mut r))
+            .map(|(_, s)| s)
+            .collect();
         assert_eq!(rest.len() + 1, 8);
     }
     assert!(firsts.len() >= 3, "{firsts:?}");

@@ -808,8 +808,11 @@ impl Resources {
                 .collect()
         };
         if ids.len() > limits.filter_parents {
-            let mut current: Vec<&String> =
-                child.parents.iter().filter(|id| !sampled.contains(id)).collect();
+            let mut current: Vec<&String> = child
+                .parents
+                .iter()
+                .filter(|id| !sampled.contains(id))
+                .collect();
             current.sort(); // a set's order is per process; keep runs reproducible
             sampled.extend(current.into_iter().cloned());
         }

@@ -24,7 +24,13 @@ pub struct Cost {
 }
 
 /// Builds the swarm in `res` (the caller keeps it alive to measure its memory).
-pub fn measure(res: &mut Resources, peers: usize, tasks: usize, pieces: u32, decisions: usize) -> Cost {
+pub fn measure(
+    res: &mut Resources,
+    peers: usize,
+    tasks: usize,
+    pieces: u32,
+    decisions: usize,
+) -> Cost {
     let mut rng = SmallRng::seed_from_u64(7);
     let limits = Limits {
         candidate_parents: 8,

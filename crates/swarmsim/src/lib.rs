@@ -535,14 +535,17 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                 used_down[f.to] += r;
             }
             let peers_up: f64 = used_up[..n].iter().sum::<f64>() / up[..n].iter().sum::<f64>();
-            let active = (0..n).filter(|i| nodes[*i].joined && nodes[*i].done.is_none()).count();
+            let active = (0..n)
+                .filter(|i| nodes[*i].joined && nodes[*i].done.is_none())
+                .count();
             let down_util: f64 = (0..n)
                 .filter(|i| nodes[*i].joined && nodes[*i].done.is_none())
                 .map(|i| used_down[i] / down[i])
                 .sum::<f64>()
                 / active.max(1) as f64;
             let inflight: usize = fetches.iter().filter(|f| f.to < n).count();
-            let parents: f64 = (0..n).map(|i| nodes[i].parents.len()).sum::<usize>() as f64 / n as f64;
+            let parents: f64 =
+                (0..n).map(|i| nodes[i].parents.len()).sum::<usize>() as f64 / n as f64;
             let orphans = (0..n).filter(|i| nodes[*i].parents.is_empty()).count();
             let seed_kids = subs[seed].len();
             let offers_len = superseed.pending.len();
@@ -742,7 +745,11 @@ mod tests {
             let at = 0.33 * sc.bound();
             sc.kill = Some((0, at));
             let r = run(&sc, 100.0 * sc.bound());
-            assert!(r.finished[1..].iter().all(|f| f.is_some()), "{:?}", r.finished);
+            assert!(
+                r.finished[1..].iter().all(|f| f.is_some()),
+                "{:?}",
+                r.finished
+            );
         }
     }
 

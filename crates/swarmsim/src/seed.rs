@@ -84,7 +84,11 @@ impl SuperSeed {
     pub fn release(&mut self, child: usize, piece: u32, t: f64) -> Option<f64> {
         let age = t - self.arrived.get(&piece).copied().unwrap_or(t);
         let claimed = self.dealt.len()
-            + self.served.keys().filter(|p| !self.dealt.contains_key(p)).count();
+            + self
+                .served
+                .keys()
+                .filter(|p| !self.dealt.contains_key(p))
+                .count();
         let all_out = claimed as u32 >= self.piece_count;
         if all_out
             || age >= MAX_DEFER
@@ -175,6 +179,9 @@ mod tests {
         // A child that leaves gives its pieces to the others at once.
         s.leave(0, 1.0);
         let given: Vec<(usize, u32)> = s.due(1.0).into_iter().filter(|(c, _)| *c == 1).collect();
-        assert!(given.contains(&(1, 0)) && given.contains(&(1, 1)), "{given:?}");
+        assert!(
+            given.contains(&(1, 0)) && given.contains(&(1, 1)),
+            "{given:?}"
+        );
     }
 }

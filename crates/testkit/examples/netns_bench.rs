@@ -509,13 +509,33 @@ fn targets(
     let origin = df.origin_bytes as f64 / size;
     let mut rows = Vec::new();
     if equal {
-        rows.push(("p50 ≤ 1.15 T*".to_string(), format!("{:.2} T*", p50 / t_star), p50 / t_star <= 1.15));
-        rows.push(("max ≤ 1.3 T*".to_string(), format!("{:.2} T*", max / t_star), max / t_star <= 1.3));
+        rows.push((
+            "p50 ≤ 1.15 T*".to_string(),
+            format!("{:.2} T*", p50 / t_star),
+            p50 / t_star <= 1.15,
+        ));
+        rows.push((
+            "max ≤ 1.3 T*".to_string(),
+            format!("{:.2} T*", max / t_star),
+            max / t_star <= 1.3,
+        ));
     } else {
-        rows.push(("p50 ≤ 1.3 × bound".to_string(), format!("{:.2} × bound", p50 / bound), p50 / bound <= 1.3));
-        rows.push(("max ≤ 1.3 × bound".to_string(), format!("{:.2} × bound", max / bound), max / bound <= 1.3));
+        rows.push((
+            "p50 ≤ 1.3 × bound".to_string(),
+            format!("{:.2} × bound", p50 / bound),
+            p50 / bound <= 1.3,
+        ));
+        rows.push((
+            "max ≤ 1.3 × bound".to_string(),
+            format!("{:.2} × bound", max / bound),
+            max / bound <= 1.3,
+        ));
     }
-    rows.push(("origin egress ≤ 1.02 F".to_string(), format!("{origin:.3} F"), origin <= 1.02));
+    rows.push((
+        "origin egress ≤ 1.02 F".to_string(),
+        format!("{origin:.3} F"),
+        origin <= 1.02,
+    ));
     let share = df
         .sources
         .iter()
@@ -545,14 +565,30 @@ fn downloader_rates(spec: &str, rate: &str, n: usize) -> Vec<String> {
     match spec {
         "" => vec![rate.to_string(); n],
         "half" => (0..n)
-            .map(|i| if i % 2 == 1 { kbit(bps / 2.0) } else { rate.to_string() })
+            .map(|i| {
+                if i % 2 == 1 {
+                    kbit(bps / 2.0)
+                } else {
+                    rate.to_string()
+                }
+            })
             .collect(),
         "quarter" => (0..n)
-            .map(|i| if i == 0 { kbit(bps / 4.0) } else { rate.to_string() })
+            .map(|i| {
+                if i == 0 {
+                    kbit(bps / 4.0)
+                } else {
+                    rate.to_string()
+                }
+            })
             .collect(),
         list => {
             let rates: Vec<String> = list.split(',').map(str::to_string).collect();
-            assert_eq!(rates.len(), n, "--rates needs one rate per downloader ({n})");
+            assert_eq!(
+                rates.len(),
+                n,
+                "--rates needs one rate per downloader ({n})"
+            );
             rates
         }
     }
@@ -580,8 +616,12 @@ fn main() {
     let size_mib: usize = arg("--size-mib", "256").parse().unwrap();
     let rate = arg("--rate", "200mbit");
     let rates_spec = arg("--rates", "");
-    let late: f64 = arg("--late", "0").parse().expect("--late takes a fraction like 0.5");
-    let kill_frac: f64 = arg("--kill", "0").parse().expect("--kill takes a fraction like 0.33");
+    let late: f64 = arg("--late", "0")
+        .parse()
+        .expect("--late takes a fraction like 0.5");
+    let kill_frac: f64 = arg("--kill", "0")
+        .parse()
+        .expect("--kill takes a fraction like 0.33");
     let systems = arg("--systems", "dragonfly,aria2,curl");
     let scheduler_yaml = arg("--scheduler-yaml", "");
     let out = PathBuf::from(arg("--out", "target/netns-bench"));
@@ -609,7 +649,13 @@ fn main() {
     let t_star = sc0.bound();
     let late_from = n - n / 3;
     let joins: Vec<f64> = (0..n)
-        .map(|i| if late > 0.0 && i >= late_from { late * t_star } else { 0.0 })
+        .map(|i| {
+            if late > 0.0 && i >= late_from {
+                late * t_star
+            } else {
+                0.0
+            }
+        })
         .collect();
     let mut sc = scenario(size as u64, seed_bps, &bps, &joins);
     let kill = (kill_frac > 0.0).then_some(kill_frac * t_star);
@@ -627,10 +673,7 @@ fn main() {
     // The same quantiles as the measured rows.
     let sim_sorted = sim.sorted();
     let sim_p50 = quantile(&sim_sorted, 0.5);
-    eprintln!(
-        "  simulator: p50 {sim_p50:.2}s max {:.2}s",
-        sim.max()
-    );
+    eprintln!("  simulator: p50 {sim_p50:.2}s max {:.2}s", sim.max());
 
     let tracker_port = free_port();
     let _tracker = start_tracker(tracker_port);
@@ -649,7 +692,16 @@ fn main() {
                 &joins,
                 kill,
             ),
-            "aria2" => run_aria2(&hosts, work.path(), &www, &data, n, tracker_port, &joins, kill),
+            "aria2" => run_aria2(
+                &hosts,
+                work.path(),
+                &www,
+                &data,
+                n,
+                tracker_port,
+                &joins,
+                kill,
+            ),
             "curl" => run_curl(&hosts, &nginx, work.path(), &url, &data, n),
             other => panic!("unknown system {other}"),
         };

@@ -141,9 +141,11 @@ impl<'s> Conversation<'s> {
                 },
             ));
         } else {
-            self.send(Event::DownloadPeerFailedRequest(DownloadPeerFailedRequest {
-                description: Some(description),
-            }));
+            self.send(Event::DownloadPeerFailedRequest(
+                DownloadPeerFailedRequest {
+                    description: Some(description),
+                },
+            ));
         }
     }
 

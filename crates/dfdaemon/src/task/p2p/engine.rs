@@ -10,9 +10,9 @@
 use super::conversation::{Conversation, Directive};
 use super::transfer::{fetch_piece, sync_pieces, FetchError, ParentEvent};
 use super::{ORPHAN_STALL, PARENT_FAILURE_LIMIT, PARENT_STALL, REFRESH_INTERVAL, REFRESH_MAX};
+use crate::error::TaskError;
 use crate::task::source::{self, Prepared};
 use crate::task::{DownloadPlan, TaskManager, TaskRun};
-use crate::error::TaskError;
 use d7y_backend::{Probe, SourceRequest};
 use d7y_picker::{ParentId, Picker, Source};
 use d7y_storage::PieceMeta;
@@ -51,7 +51,10 @@ fn picker_config(layout: PieceLayout, concurrency: usize) -> d7y_picker::Config 
 pub(super) enum EngineExit {
     /// The rest must come from one streamed GET: the origin takes no ranges. `probe` is
     /// the origin's answer (its body, when it sent one, is the stream to read).
-    Streamed { reason: String, probe: Probe },
+    Streamed {
+        reason: String,
+        probe: Probe,
+    },
     Failed(TaskError),
 }
 
@@ -405,8 +408,13 @@ impl<'a> Engine<'a> {
                         break;
                     };
                     self.inflight.insert(number, (String::new(), source));
-                    let (mgr, run, plan, writer, layout) =
-                        (self.mgr, self.run, self.plan, self.writer.clone(), self.layout);
+                    let (mgr, run, plan, writer, layout) = (
+                        self.mgr,
+                        self.run,
+                        self.plan,
+                        self.writer.clone(),
+                        self.layout,
+                    );
                     async move {
                         source::fetch_piece(mgr, run, plan, &request, &writer, layout, number)
                             .await

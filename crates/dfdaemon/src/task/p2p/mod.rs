@@ -265,7 +265,10 @@ async fn finish(
             mgr.mark_finished(plan, prepared.meta).await
         }
         Err(EngineExit::Streamed { reason, probe }) => {
-            info!(task_id = plan.task_id, reason, "the origin takes no ranges; streaming the rest");
+            info!(
+                task_id = plan.task_id,
+                reason, "the origin takes no ranges; streaming the rest"
+            );
             let mut talk = engine.into_conversation();
             talk.back_to_source_started(&reason);
             streamed(mgr, run, plan, talk, prepared, probe).await
