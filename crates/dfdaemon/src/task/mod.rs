@@ -22,7 +22,7 @@ use crate::ratelimit::Bandwidth;
 use crate::scheduler::Schedulers;
 use d7y_backend::Backend;
 use d7y_config::dfdaemon::Config;
-use d7y_storage::{now_secs, Storage, TaskMeta};
+use d7y_storage::{now_secs, PieceMeta, Storage, StorageError, TaskMeta};
 use d7y_types::id::{default_filtered_query_params, task_id, TaskIdParams};
 use d7y_types::piece::validate_piece_length;
 use d7y_types::Digest;
@@ -481,7 +481,28 @@ impl TaskManager {
         run.finish(result.map_err(Arc::new));
     }
 
-    /// Marks a task finished in storage.
+    /// Records a verified piece: stored, counted (`source` is the metrics' label,
+    /// `REMOTE_PEER` or `BACK_TO_SOURCE`) and published to the run's readers.
+    pub(crate) async fn record_piece(
+        &self,
+        run: &TaskRun,
+        task_id: &str,
+        piece: PieceMeta,
+        source: &str,
+    ) -> Result<(), StorageError> {
+        self.storage.put_piece(task_id, piece.clone()).await?;
+        let m = &self.metrics;
+        m.download_traffic
+            .with_label_values(&[source, "STANDARD"])
+            .inc_by(piece.length);
+        m.download_piece_total.with_label_values(&[source]).inc();
+        m.download_piece_duration_milliseconds
+            .with_label_values(&[source])
+            .observe(piece.cost_millis as f64);
+        run.add_piece(piece);
+        Ok(())
+    }
+
     /// Records a task as finished, after checking its content against every digest known
     /// for it (an OCI blob's digest in its URL, the digest the request named). Content that
     /// does not match is deleted and the download fails: it never counts as finished and is

@@ -223,20 +223,13 @@ impl Ctx<'_> {
         piece.traffic_type = TrafficType::BackToSource as i32;
         piece.cost_millis = started.elapsed().as_millis() as u64;
         self.mgr
-            .storage
-            .put_piece(&self.plan.task_id, piece.clone())
+            .record_piece(
+                self.run,
+                &self.plan.task_id,
+                piece.clone(),
+                "BACK_TO_SOURCE",
+            )
             .await?;
-        let m = &self.mgr.metrics;
-        m.download_traffic
-            .with_label_values(&["BACK_TO_SOURCE", "STANDARD"])
-            .inc_by(length);
-        m.download_piece_total
-            .with_label_values(&["BACK_TO_SOURCE"])
-            .inc();
-        m.download_piece_duration_milliseconds
-            .with_label_values(&["BACK_TO_SOURCE"])
-            .observe(piece.cost_millis as f64);
-        self.run.add_piece(piece.clone());
         Ok(piece)
     }
 

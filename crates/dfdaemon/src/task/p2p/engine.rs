@@ -355,15 +355,9 @@ impl<'a> Engine<'a> {
         if self.origin.is_some() {
             return Ok(());
         }
-        if self.plan.disable_back_to_source {
-            return Err(EngineExit::Failed(TaskError::BackToSourceDisabled));
-        }
-        let probe = match self.probe.take() {
-            Some(p) => p,
-            None => source::probe(self.mgr, self.plan)
-                .await
-                .map_err(EngineExit::Failed)?,
-        };
+        let probe = super::probe_again(self.mgr, self.plan, self.probe.take())
+            .await
+            .map_err(EngineExit::Failed)?;
         // The swarm's pieces are laid out for one length: an origin that now serves
         // another content cannot fill them.
         if let Some(len) = probe.stat.content_length {
@@ -401,55 +395,54 @@ impl<'a> Engine<'a> {
         let mut rng = rand::thread_rng();
         // A reader streaming the content in order waits for one piece: it goes first.
         while let Some((number, source)) = self.picker.next(self.run.wanted(), &mut rng) {
-            let fut: BoxFuture<'a, Result<PieceMeta, FetchError>> = match source {
-                Source::Origin => {
-                    let Some(request) = self.origin.clone() else {
-                        self.picker.failed(number, source);
-                        break;
-                    };
-                    self.inflight.insert(number, (String::new(), source));
-                    let (mgr, run, plan, writer, layout) = (
-                        self.mgr,
-                        self.run,
-                        self.plan,
-                        self.writer.clone(),
-                        self.layout,
-                    );
-                    async move {
-                        source::fetch_piece(mgr, run, plan, &request, &writer, layout, number)
-                            .await
-                            .map_err(FetchError::Origin)
+            let (parent_id, fut): (String, BoxFuture<'a, Result<PieceMeta, FetchError>>) =
+                match source {
+                    Source::Origin => {
+                        let Some(request) = self.origin.clone() else {
+                            self.picker.failed(number, source);
+                            break;
+                        };
+                        let (mgr, run, plan, writer, layout) = (
+                            self.mgr,
+                            self.run,
+                            self.plan,
+                            self.writer.clone(),
+                            self.layout,
+                        );
+                        let fut = async move {
+                            source::fetch_piece(mgr, run, plan, &request, &writer, layout, number)
+                                .await
+                                .map_err(FetchError::Origin)
+                        };
+                        (String::new(), fut.boxed())
                     }
-                    .boxed()
-                }
-                Source::Parent(handle) => {
-                    let Some(parent) = self.parents.values().find(|p| p.handle == handle) else {
-                        self.picker.failed(number, source);
-                        break;
-                    };
-                    let Some(addr) = parent.piece_addr else {
-                        self.picker.failed(number, source);
-                        break;
-                    };
-                    let parent_id = parent.id.clone();
-                    self.inflight.insert(number, (parent_id.clone(), source));
-                    fetch_piece(
-                        self.mgr,
-                        self.run,
-                        self.writer.clone(),
-                        self.plan.task_id.clone(),
-                        self.layout,
-                        number,
-                        parent_id,
-                        addr,
-                        parent.pool.clone(),
-                        self.authority.get(&number).cloned(),
-                        self.received.clone(),
-                    )
-                    .boxed()
-                }
-            };
-            let parent_id = self.inflight[&number].0.clone();
+                    Source::Parent(handle) => {
+                        let Some(parent) = self.parents.values().find(|p| p.handle == handle)
+                        else {
+                            self.picker.failed(number, source);
+                            break;
+                        };
+                        let Some(addr) = parent.piece_addr else {
+                            self.picker.failed(number, source);
+                            break;
+                        };
+                        let fut = fetch_piece(
+                            self.mgr,
+                            self.run,
+                            self.writer.clone(),
+                            self.plan.task_id.clone(),
+                            self.layout,
+                            number,
+                            parent.id.clone(),
+                            addr,
+                            parent.pool.clone(),
+                            self.authority.get(&number).cloned(),
+                            self.received.clone(),
+                        );
+                        (parent.id.clone(), fut.boxed())
+                    }
+                };
+            self.inflight.insert(number, (parent_id.clone(), source));
             let (fut, abort) = futures_util::future::abortable(fut);
             self.aborts.insert(number, abort);
             self.fetches.push(

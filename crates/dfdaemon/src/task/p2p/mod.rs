@@ -233,7 +233,9 @@ async fn from_origin(
     }
     let header = probe.stat.headers.clone();
     let prepared = source::prepare(mgr, run, plan, content_length, header).await?;
-    if content_length.is_none() || !probe.stat.supports_range {
+    // A content of unknown length cannot be laid out in pieces; an origin without ranges
+    // is found out by `Engine::use_origin`, which hands the stream back.
+    if content_length.is_none() {
         let mut talk = talk;
         talk.back_to_source_started(reason);
         return streamed(mgr, run, plan, talk, prepared, probe).await;

@@ -253,18 +253,8 @@ pub(super) async fn fetch_piece(
     piece.parent_id = Some(parent_id);
     piece.traffic_type = TrafficType::RemotePeer as i32;
     piece.cost_millis = started.elapsed().as_millis() as u64;
-    mgr.storage.put_piece(&task_id, piece.clone()).await?;
-    let m = &mgr.metrics;
-    m.download_traffic
-        .with_label_values(&["REMOTE_PEER", "STANDARD"])
-        .inc_by(length);
-    m.download_piece_total
-        .with_label_values(&["REMOTE_PEER"])
-        .inc();
-    m.download_piece_duration_milliseconds
-        .with_label_values(&["REMOTE_PEER"])
-        .observe(piece.cost_millis as f64);
-    run.add_piece(piece.clone());
+    mgr.record_piece(run, &task_id, piece.clone(), "REMOTE_PEER")
+        .await?;
     flight.verified();
     Ok(piece)
 }
