@@ -366,17 +366,17 @@ pub const REACH_BUDGET: usize = 64;
 
 /// What a bounded search of a peer's descendants found.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reach<'a> {
+pub enum Reach {
     /// Every descendant (the search ended within its budget).
-    Within(Vec<&'a str>),
+    Within(Vec<String>),
     /// More than the budget: any peer may be one.
     Unknown,
 }
 
-impl Reach<'_> {
+impl Reach {
     pub fn contains(&self, id: &str) -> bool {
         match self {
-            Reach::Within(ids) => ids.contains(&id),
+            Reach::Within(ids) => ids.iter().any(|d| d == id),
             Reach::Unknown => true,
         }
     }
@@ -666,7 +666,7 @@ impl Resources {
     /// The peers `from` feeds, directly or through others, found by visiting at most
     /// `budget` peers; past the budget the answer is [`Reach::Unknown`] (everything counts
     /// as reachable). One search answers every candidate of a scheduling decision.
-    pub fn descendants_within(&self, from: &str, budget: usize) -> Reach<'_> {
+    pub fn descendants_within(&self, from: &str, budget: usize) -> Reach {
         let Some(start) = self.peers.get(from) else {
             return Reach::Within(Vec::new());
         };
@@ -688,22 +688,19 @@ impl Resources {
             seen.push(key);
             stack.extend(p.children.iter());
         }
-        Reach::Within(seen)
+        Reach::Within(seen.into_iter().map(str::to_string).collect())
     }
 
-    /// Whether one of `cand`'s parents holds pieces (or has the task) and is neither the
-    /// child nor among its `descendants`.
-    fn fed_from_outside(&self, cand: &str, child: &str, descendants: &[String]) -> bool {
+    /// Whether one of `cand`'s parents can give pieces ([`Peer::is_giver`]) and is neither
+    /// the child nor among its `descendants`.
+    fn fed_from_outside(&self, cand: &str, child: &str, descendants: &Reach) -> bool {
         let Some(cand) = self.peers.get(cand) else {
             return false;
         };
         cand.parents.iter().any(|p| {
             p != child
                 && !descendants.contains(p)
-                && self.peers.get(p).is_some_and(|pp| {
-                    !pp.pieces.is_empty()
-                        || matches!(pp.state, PeerState::Succeeded | PeerState::BackToSource)
-                })
+                && self.peers.get(p).is_some_and(Peer::is_giver)
         })
     }
 
@@ -863,8 +860,7 @@ impl Resources {
         self.clear_parents(child_id);
         let mut chosen = Vec::new();
         let mut below = 0usize; // candidates with nothing now that feed only through the child
-        let mut reach: Option<Vec<String>> = None; // the child's descendants, when needed
-        let mut reach_unknown = false;
+        let mut reach: Option<Reach> = None; // the child's descendants, when needed
         for (candidate, _) in ranked {
             if chosen.len() >= limits.candidate_parents {
                 break;
@@ -880,23 +876,15 @@ impl Resources {
                 candidate.state == PeerState::Running && candidate.stats.useful_pieces == 0;
             if empty_running && reach.is_none() {
                 // One search of the child's descendants answers for every candidate.
-                let found = match self.descendants_within(child_id, REACH_BUDGET) {
-                    Reach::Within(ids) => ids.into_iter().map(str::to_string).collect(),
-                    Reach::Unknown => {
-                        reach_unknown = true;
-                        Vec::new()
-                    }
-                };
-                reach = Some(found);
+                reach = Some(self.descendants_within(child_id, REACH_BUDGET));
             }
-            let below_child =
-                empty_running && (reach_unknown || reach.as_ref().is_some_and(|r| r.contains(&id)));
             // Below the child, it is still fed from elsewhere when one of its own parents
-            // holds pieces and is not itself below the child (the seed, typically): two
-            // peers then trade what they get from outside, as in a mesh they should.
-            let fed_through_child = below_child
-                && (reach_unknown
-                    || !self.fed_from_outside(&id, child_id, reach.as_deref().unwrap_or(&[])));
+            // can give and is not itself below the child (the seed, typically): two peers
+            // then trade what they get from outside, as in a mesh they should.
+            let fed_through_child = empty_running
+                && reach.as_ref().is_some_and(|r| {
+                    r.contains(&id) && !self.fed_from_outside(&id, child_id, r)
+                });
             if fed_through_child {
                 below += 1;
                 continue;
