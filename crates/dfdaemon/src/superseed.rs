@@ -1,15 +1,15 @@
 //! Super-seeding on a seed peer: each fresh piece is offered to one child first, and to the
 //! others only once the seed has served it (plus [`RELAY_GRACE`] for the first child to
-//! pass it on) or after [`MAX_DEFER`]. Pieces are dealt when a child is told of them, to
-//! that child if it has fewer than [`DEAL_AHEAD`] dealt pieces it has not asked for yet
-//! (keyed by host, so reconnects keep their count): a child takes new pieces as fast as it
-//! fetches them, so a slow child is dealt few and holds nobody back, and the seed's upload
-//! splits over the children in proportion to their rates, as Kumar–Ross's optimal scheme
-//! splits it. Once every piece of the task has been dealt or served, nothing distinct is
-//! left for the seed's upload to carry, and nothing is held back any more: a slow child's
-//! pieces then come from the seed too. Meanwhile the
-//! other children take it from the child that got it, so the seed's upload carries distinct
-//! pieces instead of the same piece N times (Kumar–Ross: the server pushes one copy).
+//! pass it on) or after [`MAX_DEFER`]. Meanwhile the other children take it from the child
+//! that got it, so the seed's upload carries distinct pieces instead of the same piece N
+//! times (Kumar–Ross: the server pushes one copy). Pieces are dealt when a child is told of
+//! them, to that child if it has fewer than [`DEAL_AHEAD`] dealt pieces it has not asked
+//! for yet (keyed by host, so reconnects keep their count): a child takes new pieces as
+//! fast as it fetches them, so a slow child is dealt few and holds nobody back, and the
+//! seed's upload splits over the children in proportion to their rates, as Kumar–Ross's
+//! optimal scheme splits it. Once every piece of the task has been dealt or served, nothing
+//! distinct is left for the seed's upload to carry, and nothing is held back any more: a
+//! slow child's pieces then come from the seed too.
 //! Pieces older than [`MAX_DEFER`] (a seed that finished long ago) are offered to everyone.
 //! When a child leaves (its stream ends: done, rescheduled or dead), the pieces dealt to it
 //! are offered to everyone at once: a child that died can no longer pass them on.

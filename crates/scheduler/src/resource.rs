@@ -698,9 +698,7 @@ impl Resources {
             return false;
         };
         cand.parents.iter().any(|p| {
-            p != child
-                && !descendants.contains(p)
-                && self.peers.get(p).is_some_and(Peer::is_giver)
+            p != child && !descendants.contains(p) && self.peers.get(p).is_some_and(Peer::is_giver)
         })
     }
 
@@ -882,9 +880,9 @@ impl Resources {
             // can give and is not itself below the child (the seed, typically): two peers
             // then trade what they get from outside, as in a mesh they should.
             let fed_through_child = empty_running
-                && reach.as_ref().is_some_and(|r| {
-                    r.contains(&id) && !self.fed_from_outside(&id, child_id, r)
-                });
+                && reach
+                    .as_ref()
+                    .is_some_and(|r| r.contains(&id) && !self.fed_from_outside(&id, child_id, r));
             if fed_through_child {
                 below += 1;
                 continue;
