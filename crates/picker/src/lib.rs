@@ -490,8 +490,9 @@ impl Picker {
         self.origin_inflight < self.origin_budget
     }
 
-    /// Whether `slot` may be asked for idle missing piece `n` under the seed rule.
-    fn offers(&self, s: &Slot, n: u32) -> bool {
+    /// Whether `slot` may be asked for idle missing piece `n` under the seed rule, with
+    /// `floor` the current [`Picker::slow_floor`].
+    fn offers(&self, s: &Slot, n: u32, floor: f64) -> bool {
         if !s.avail.get(n) {
             return false;
         }
@@ -499,7 +500,6 @@ impl Picker {
             return true;
         }
         // Held by normal parents: the seed only when every one of them is slow.
-        let floor = self.slow_floor();
         floor > 0.0
             && self.slots.iter().all(|o| {
                 o.is_seed || !o.live || !o.avail.get(n) || o.rate.is_some_and(|r| r < floor)
@@ -519,10 +519,11 @@ impl Picker {
 
     /// The best source with spare budget for idle piece `n`.
     fn source_for(&self, n: u32, salt: u64) -> Option<Source> {
+        let floor = self.slow_floor();
         let best = self
             .parent_order(salt)
             .into_iter()
-            .find(|id| self.offers(&self.slots[id.0 as usize], n));
+            .find(|id| self.offers(&self.slots[id.0 as usize], n, floor));
         if let Some(id) = best {
             return Some(Source::Parent(id));
         }
@@ -557,6 +558,7 @@ impl Picker {
     /// lowest load, the piece with the fewest normal holders that one of them offers
     /// (random among equally rare pieces; among parents offering it, the faster first).
     fn pick_fresh(&self, salt: u64, rng: &mut impl Rng) -> Option<(u32, Source)> {
+        let floor = self.slow_floor();
         // (load, rarity, piece, parent) of the best so far, and how many tied with it.
         let mut best: Option<(f64, u16, u32, ParentId)> = None;
         let mut ties = 0u32;
@@ -567,7 +569,7 @@ impl Picker {
                 break; // parents are in load order: nothing better follows
             }
             for n in s.avail.and(&self.idle) {
-                if !self.offers(s, n) {
+                if !self.offers(s, n, floor) {
                     continue;
                 }
                 let rarity = self.normal_holders[n as usize];
