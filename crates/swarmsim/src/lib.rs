@@ -315,6 +315,8 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
         from_peers: vec![0; n],
         ..Default::default()
     };
+    // SWARMSIM_TRACE=1: link use, fetches and parents every half second, on stderr.
+    let trace = std::env::var_os("SWARMSIM_TRACE").is_some();
     let mut fetches: Vec<Fetching> = Vec::new();
     let mut next_id = 0u64;
     let mut flows: Vec<Flow> = Vec::new();
@@ -526,8 +528,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
             to: f.to,
         }));
         flow::allocate(&up, &down, &flows, &mut rates);
-        // SWARMSIM_TRACE=1: link use, fetches and parents every half second, on stderr.
-        if std::env::var_os("SWARMSIM_TRACE").is_some() && (t / 0.5).fract() < sc.dt / 0.5 {
+        if trace && (t / 0.5).fract() < sc.dt / 0.5 {
             let mut used_up = vec![0.0; n + 2];
             let mut used_down = vec![0.0; n + 2];
             for (f, r) in fetches.iter().zip(&rates) {
@@ -657,8 +658,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                     }
                 }
                 // The children's SyncPieces streams.
-                let children: Vec<usize> = subs[f.to].iter().copied().collect();
-                for c in children {
+                for &c in &subs[f.to] {
                     let Some(h) = nodes[c].parents.get(&f.to).copied() else {
                         continue;
                     };
