@@ -29,6 +29,8 @@ pub struct SuperSeed {
     served: HashMap<u32, f64>,
     /// Piece -> when it arrived at the seed.
     arrived: HashMap<u32, f64>,
+    /// Distinct pieces dealt or served (not lowered when a child leaves, as in the daemon).
+    claimed: u32,
     /// Offers held back: (when to look again, child, piece).
     pub pending: Vec<(f64, usize, u32)>,
 }
@@ -69,10 +71,13 @@ impl SuperSeed {
             return;
         }
         self.served.insert(piece, t);
-        if let Some(owner) = self.dealt.get(&piece) {
-            if let Some(n) = self.outstanding.get_mut(owner) {
-                *n = n.saturating_sub(1);
+        match self.dealt.get(&piece) {
+            Some(owner) => {
+                if let Some(n) = self.outstanding.get_mut(owner) {
+                    *n = n.saturating_sub(1);
+                }
             }
+            None => self.claimed += 1,
         }
         let at = t + RELAY_GRACE;
         self.pending
@@ -83,13 +88,7 @@ impl SuperSeed {
     /// it is free and the child may take more.
     pub fn release(&mut self, child: usize, piece: u32, t: f64) -> Option<f64> {
         let age = t - self.arrived.get(&piece).copied().unwrap_or(t);
-        let claimed = self.dealt.len()
-            + self
-                .served
-                .keys()
-                .filter(|p| !self.dealt.contains_key(p))
-                .count();
-        let all_out = claimed as u32 >= self.piece_count;
+        let all_out = self.claimed >= self.piece_count;
         if all_out
             || age >= MAX_DEFER
             || self.children.len() <= 1
@@ -107,6 +106,7 @@ impl SuperSeed {
                 if *mine < DEAL_AHEAD {
                     *mine += 1;
                     self.dealt.insert(piece, child);
+                    self.claimed += 1;
                     return None;
                 }
                 return Some((t + RECHECK).min(cap));
