@@ -691,15 +691,39 @@ impl Resources {
         Reach::Within(seen.into_iter().map(str::to_string).collect())
     }
 
-    /// Whether one of `cand`'s parents can give pieces ([`Peer::is_giver`]) and is neither
-    /// the child nor among its `descendants`.
-    fn fed_from_outside(&self, cand: &str, child: &str, descendants: &Reach) -> bool {
-        let Some(cand) = self.peers.get(cand) else {
-            return false;
+    /// Whether `cand` is fed from outside the child: some peer that can give
+    /// ([`Peer::is_giver`]) reaches it along parent→child edges that avoid `child`. The
+    /// search walks `cand`'s ancestors, visiting at most `budget` peers; past it the answer
+    /// is no (the cautious side: the candidate is then not taken). An empty peer fed
+    /// through other empty peers whose own parents are fed (a relay tree from the seed
+    /// still filling up) counts as fed: its flights follow theirs.
+    fn fed_from_outside(&self, cand: &str, child: &str, budget: usize) -> bool {
+        let mut seen: Vec<&str> = Vec::with_capacity(budget.min(64) + 1);
+        let mut stack: Vec<&String> = match self.peers.get(cand) {
+            Some(p) => p.parents.iter().collect(),
+            None => return false,
         };
-        cand.parents.iter().any(|p| {
-            p != child && !descendants.contains(p) && self.peers.get(p).is_some_and(Peer::is_giver)
-        })
+        while let Some(id) = stack.pop() {
+            if id == child || id == cand {
+                continue;
+            }
+            let Some((key, p)) = self.peers.get_key_value(id) else {
+                continue;
+            };
+            let key = key.as_str();
+            if seen.iter().any(|s| std::ptr::eq(*s, key)) {
+                continue;
+            }
+            if p.is_giver() {
+                return true;
+            }
+            if seen.len() >= budget {
+                return false;
+            }
+            seen.push(key);
+            stack.extend(p.parents.iter());
+        }
+        false
     }
 
     /// Normal peers of a task that hold at least one piece (a warm swarm has two or more).
@@ -737,7 +761,8 @@ impl Resources {
             stats: ParentStats {
                 is_seed: host.is_some_and(|h| h.is_seed),
                 active: matches!(parent.state, PeerState::Succeeded | PeerState::BackToSource)
-                    || (parent.state == PeerState::Running && !parent.parents.is_empty()),
+                    || (matches!(parent.state, PeerState::Running | PeerState::Received)
+                        && !parent.parents.is_empty()),
                 useful_pieces: parent.pieces.count_missing_from(&child.pieces),
                 child_missing: missing,
                 children: parent.children.len() as u32,
@@ -870,19 +895,20 @@ impl Resources {
             let id = candidate.peer_id;
             // A parent with nothing the child lacks is worth taking only for what it will
             // get from elsewhere: not when its pieces could come only through the child.
-            let empty_running =
-                candidate.state == PeerState::Running && candidate.stats.useful_pieces == 0;
+            let empty_running = matches!(candidate.state, PeerState::Running | PeerState::Received)
+                && candidate.stats.useful_pieces == 0;
             if empty_running && reach.is_none() {
                 // One search of the child's descendants answers for every candidate.
                 reach = Some(self.descendants_within(child_id, REACH_BUDGET));
             }
-            // Below the child, it is still fed from elsewhere when one of its own parents
-            // can give and is not itself below the child (the seed, typically): two peers
-            // then trade what they get from outside, as in a mesh they should.
+            // Below the child, it is still fed from elsewhere when a giver reaches it along
+            // a path that avoids the child (the seed, typically, directly or through peers
+            // it feeds): two peers then trade what they get from outside, as in a mesh
+            // they should.
             let fed_through_child = empty_running
-                && reach
-                    .as_ref()
-                    .is_some_and(|r| r.contains(&id) && !self.fed_from_outside(&id, child_id, r));
+                && reach.as_ref().is_some_and(|r| {
+                    r.contains(&id) && !self.fed_from_outside(&id, child_id, REACH_BUDGET)
+                });
             if fed_through_child {
                 below += 1;
                 continue;

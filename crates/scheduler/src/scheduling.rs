@@ -101,15 +101,19 @@ pub fn filter(child: &Child<'_>, candidate: &Candidate) -> Result<(), Rejection>
     match candidate.state {
         PeerState::Succeeded | PeerState::BackToSource => {}
         // A downloading peer gives what it holds that the child lacks, or soon what its own
-        // parents send it; with neither it has nothing to give.
-        PeerState::Running => {
+        // parents send it; with neither it has nothing to give. A registered peer that was
+        // given parents is about to download (its "started" event is on the way): peers
+        // that register together can feed each other from their first pieces.
+        PeerState::Running | PeerState::Received => {
             if candidate.stats.useful_pieces == 0 && candidate.in_degree == 0 {
-                return Err(Rejection::NothingToGive);
+                return Err(if candidate.state == PeerState::Received {
+                    Rejection::NotActive
+                } else {
+                    Rejection::NothingToGive
+                });
             }
         }
-        PeerState::Received | PeerState::Failed | PeerState::Leave => {
-            return Err(Rejection::NotActive)
-        }
+        PeerState::Failed | PeerState::Leave => return Err(Rejection::NotActive),
     }
     if candidate.bad {
         return Err(Rejection::Bad);
@@ -223,6 +227,11 @@ mod tests {
         full_seed.stats.is_seed = true;
         let mut leech = cand("p", "h", PeerState::Succeeded);
         leech.disable_shared = true;
+        let mut just_registered = cand("p", "h", PeerState::Received);
+        just_registered.in_degree = 0;
+        just_registered.stats.useful_pieces = 0;
+        let mut registered_with_parent = cand("p", "h", PeerState::Received);
+        registered_with_parent.stats.useful_pieces = 0;
         let mut origin_fetcher = cand("p", "h", PeerState::BackToSource);
         origin_fetcher.in_degree = 0;
         origin_fetcher.stats.useful_pieces = 0;
@@ -240,10 +249,8 @@ mod tests {
                 Err(Rejection::Blocklisted),
             ),
             (leech, Err(Rejection::DisableShared)),
-            (
-                cand("p", "h", PeerState::Received),
-                Err(Rejection::NotActive),
-            ),
+            (just_registered, Err(Rejection::NotActive)),
+            (registered_with_parent, Ok(())),
             (cand("p", "h", PeerState::Failed), Err(Rejection::NotActive)),
             (cand("p", "h", PeerState::Leave), Err(Rejection::NotActive)),
             (empty_running, Err(Rejection::NothingToGive)),
