@@ -10,12 +10,16 @@
 //!   loaded first (in-flight over budget), faster first among equals; each takes the
 //!   rarest missing piece it holds (fewest holders among the normal parents), random among
 //!   ties, so children of one parent spread over different pieces.
-//! - **The seed gives what nobody else can.** A seed parent is offered only pieces no
-//!   normal parent holds (a busy normal holder is waited for) — or only slow ones hold
-//!   (measured below [`SLOW_FRACTION`] of the fastest normal parent: a slow host holds
-//!   nobody back) — and while normal parents exist it has [`Config::seed_share`] pieces in
-//!   flight at most: its upload goes to new pieces, which its own distinct-first dealing
-//!   then spreads.
+//! - **The seed gives what nobody else can.** While a seed parent still deals (it does not
+//!   offer every missing piece: [`deal`] holds pieces back for other children), it is
+//!   offered only pieces no normal parent holds (a busy normal holder is waited for) — or
+//!   only slow ones hold (measured below [`SLOW_FRACTION`] of the fastest normal parent: a
+//!   slow host holds nobody back) — and it has [`Config::seed_share`] pieces in flight at
+//!   most while normal parents exist or its rate is unknown: its upload goes to new
+//!   pieces, which its distinct-first dealing then spreads. Should this download's normal
+//!   parents have nothing to give while one of them could take more, the seed gives what
+//!   it offers. A seed that offers every missing piece has nothing distinct left to deal:
+//!   it is asked like any parent.
 //! - **The origin is one more source.** With an origin budget (back-to-source allowed)
 //!   it gives, in order, the pieces that no parent holds; with no parents at all that is
 //!   the whole download, so a back-to-source run is the same loop as a swarm run.
@@ -23,8 +27,8 @@
 //!   [`Config::horizon_secs`] of its measured rate (at least 1, at most
 //!   [`Config::max_per_parent`]); an unmeasured parent gets [`Config::default_budget`].
 //! - **Endgame.** Once every missing piece is in flight and at most
-//!   [`Config::endgame_pieces`] remain, an idle parent (or the origin) also takes the
-//!   oldest piece that has a single fetch, if it holds it; the first copy to finish wins
+//!   [`Config::endgame_pieces`] remain, an idle parent (never the origin, whose bytes are
+//!   the ones to save) also takes the oldest piece that has a single fetch, if it holds it; the first copy to finish wins
 //!   and [`Picker::finished`] names the losers to cancel. Never more than two fetches of
 //!   one piece.
 //!
@@ -33,6 +37,8 @@
 //! [`Config::concurrency`] fetches are in flight; a fetch record ends exactly once
 //! (finished, failed, or cancelled as a loser), and a late report of an ended one is
 //! ignored.
+
+pub mod deal;
 
 use rand::Rng;
 use std::collections::HashMap;
@@ -77,6 +83,29 @@ impl Default for Config {
             max_per_parent: 4,
             seed_share: 1,
             endgame_pieces: 4,
+        }
+    }
+}
+
+/// The most bytes the endgame's second copies may take for one download (they are held in
+/// memory until one copy wins).
+pub const ENDGAME_MEMORY: u64 = 64 << 20;
+
+impl Config {
+    /// The settings of a download of pieces of `piece_length` bytes with `concurrency`
+    /// fetches at most: the defaults, with the endgame covering at most
+    /// [`ENDGAME_MEMORY`] of pieces (at least one).
+    pub fn for_download(piece_length: u64, concurrency: usize) -> Config {
+        let piece_length = piece_length.max(1);
+        let defaults = Config::default();
+        Config {
+            concurrency,
+            piece_length,
+            endgame_pieces: defaults
+                .endgame_pieces
+                .min((ENDGAME_MEMORY / piece_length).min(u32::MAX as u64) as u32)
+                .max(1),
+            ..defaults
         }
     }
 }
@@ -126,6 +155,14 @@ impl Bits {
         }
     }
 
+    /// Whether every bit set in `other` is set in `self`.
+    fn covers(&self, other: &Bits) -> bool {
+        self.words
+            .iter()
+            .zip(&other.words)
+            .all(|(a, b)| b & !a == 0)
+    }
+
     /// Bits set in both `self` and `other`, in order.
     fn and<'a>(&'a self, other: &'a Bits) -> impl Iterator<Item = u32> + 'a {
         self.words
@@ -161,6 +198,8 @@ struct Slot {
     /// It can be asked (its piece address is known).
     usable: bool,
     avail: Bits,
+    /// Pieces set in `avail`.
+    offered: u32,
     inflight: u32,
     /// Measured rate in bytes per second (smoothed).
     rate: Option<f64>,
@@ -280,6 +319,7 @@ impl Picker {
             is_seed,
             usable: false,
             avail: Bits::new(self.count),
+            offered: 0,
             inflight: 0,
             rate: None,
         });
@@ -302,6 +342,7 @@ impl Picker {
         slot.live = true;
         slot.usable = false;
         slot.avail = Bits::new(count);
+        slot.offered = 0;
         if !slot.is_seed {
             self.normal_parents += 1;
         }
@@ -322,6 +363,7 @@ impl Picker {
         slot.live = false;
         let is_seed = slot.is_seed;
         let avail = std::mem::replace(&mut slot.avail, Bits::new(0));
+        slot.offered = 0;
         for n in avail.iter() {
             self.holders_mut(is_seed)[n as usize] -= 1;
         }
@@ -340,6 +382,7 @@ impl Picker {
             return;
         };
         if slot.avail.set(n) {
+            slot.offered += 1;
             let seed = slot.is_seed;
             self.holders_mut(seed)[n as usize] += 1;
         }
@@ -351,6 +394,7 @@ impl Picker {
             return;
         };
         if slot.avail.clear(n) {
+            slot.offered -= 1;
             let seed = slot.is_seed;
             self.holders_mut(seed)[n as usize] -= 1;
         }
@@ -376,8 +420,18 @@ impl Picker {
         self.slot(id).map_or(0, |s| self.slot_budget(s))
     }
 
+    /// A seed that offers every piece has no distinct piece left to deal (its super-seeding
+    /// holds nothing back): it is asked like any parent.
+    fn restricted_seed(&self, s: &Slot) -> bool {
+        s.is_seed && !s.avail.covers(&self.missing)
+    }
+
     fn slot_budget(&self, s: &Slot) -> u32 {
-        if s.is_seed && self.normal_parents > 0 {
+        // A seed still dealing gets its share while normal parents are there, and also
+        // before its rate is known (a swarm's first moments, before the scheduler gave
+        // normal parents: its upload should start many distinct pieces fast, not two
+        // slowly per child); alone with a measured rate, its rate decides.
+        if self.restricted_seed(s) && (self.normal_parents > 0 || s.rate.is_none()) {
             return self.cfg.seed_share.max(1);
         }
         match s.rate {
@@ -399,6 +453,7 @@ impl Picker {
             .filter(|n| *n < self.count && self.idle.get(*n))
             .and_then(|n| self.source_for(n, salt).map(|s| (n, s)))
             .or_else(|| self.pick_fresh(salt, rng))
+            .or_else(|| self.pick_seed_for_idle_link(salt))
             .or_else(|| self.pick_endgame(salt));
         let (n, source) = choice?;
         self.start(n, source);
@@ -496,7 +551,7 @@ impl Picker {
         if !s.avail.get(n) {
             return false;
         }
-        if !s.is_seed || self.normal_holders[n as usize] == 0 {
+        if !self.restricted_seed(s) || self.normal_holders[n as usize] == 0 {
             return true;
         }
         // Held by normal parents: the seed only when every one of them is slow.
@@ -605,7 +660,34 @@ impl Picker {
         None
     }
 
-    /// A second fetch of the oldest single-fetch piece, by an idle source that holds it.
+    /// The seed for a piece normal parents hold, when they have nothing to give now: a
+    /// normal parent has spare budget (this download's link has room) but no idle piece
+    /// is offered by one. The rarest such piece the seed offers (random among equals). The
+    /// seed offers only what its super-seeding releases (a piece dealt to this child,
+    /// one relayed long enough, or anything once every piece went out), so this spends
+    /// its upload on copies only when the distinct pieces are out or it would idle.
+    fn pick_seed_for_idle_link(&self, salt: u64) -> Option<(u32, Source)> {
+        let normal_idle = self.slots.iter().any(|s| !s.is_seed && self.spare(s));
+        if !normal_idle {
+            return None;
+        }
+        let mut best: Option<(u16, u32, u32, ParentId)> = None;
+        for (i, s) in self.slots.iter().enumerate() {
+            if !s.is_seed || !self.spare(s) {
+                continue;
+            }
+            for n in s.avail.and(&self.idle) {
+                let key = (self.normal_holders[n as usize], mix(n as u64 ^ salt));
+                if best.is_none_or(|b| key < (b.0, b.1)) {
+                    best = Some((key.0, key.1, n, ParentId(i as u32)));
+                }
+            }
+        }
+        best.map(|(_, _, n, id)| (n, Source::Parent(id)))
+    }
+
+    /// A second fetch of the oldest single-fetch piece, by an idle parent that holds it (the
+    /// origin is never asked twice for a piece: its bytes are the ones to save).
     fn pick_endgame(&self, salt: u64) -> Option<(u32, Source)> {
         let idle_pieces = self.idle.iter().next().is_some();
         if self.cfg.endgame_pieces == 0
@@ -628,9 +710,6 @@ impl Picker {
             });
             if let Some(id) = parent {
                 return Some((n, Source::Parent(*id)));
-            }
-            if current != Source::Origin && self.origin_spare() {
-                return Some((n, Source::Origin));
             }
         }
         None

@@ -72,8 +72,9 @@ fn ties_are_broken_at_random() {
 
 #[test]
 fn the_seed_gives_only_what_no_normal_parent_holds() {
-    // Seed holds all; the normal parent holds 0 and 1 but has budget for 2 only.
-    let (mut p, ids) = setup(4, &[(true, &[0, 1, 2, 3]), (false, &[0, 1])]);
+    // The seed offers 0..4 of 5 (it still deals piece 4 to others); the normal parent holds
+    // 0 and 1 but has budget for 2 only.
+    let (mut p, ids) = setup(5, &[(true, &[0, 1, 2, 3]), (false, &[0, 1])]);
     let (seed, normal) = (ids[0], ids[1]);
     assert_eq!(
         p.budget(seed),
@@ -90,14 +91,35 @@ fn the_seed_gives_only_what_no_normal_parent_holds() {
     assert_eq!(got[1], (1, Source::Parent(normal)));
     assert_eq!(got[2].1, Source::Parent(seed));
     p.check().unwrap();
-    // Without normal parents the seed has a full budget.
-    let (p, ids) = setup(4, &[(true, &[0, 1, 2, 3])]);
-    assert_eq!(p.budget(ids[0]), 2);
+    // Without normal parents, its share until its rate is known (a swarm's first
+    // moments), then what its rate covers.
+    let (mut p, ids) = setup(5, &[(true, &[0, 1, 2, 3])]);
+    assert_eq!(p.budget(ids[0]), 1);
+    let (n, s) = p.next(None, &mut rng()).unwrap();
+    p.finished(n, s, 3000, 1.0);
+    assert_eq!(p.budget(ids[0]), 3);
     // A piece a busy normal parent holds is waited for, not taken from the seed.
-    let (mut p, ids) = setup(4, &[(true, &[0, 1, 2, 3]), (false, &[0, 1, 2, 3])]);
+    let (mut p, ids) = setup(5, &[(true, &[0, 1, 2, 3]), (false, &[0, 1, 2, 3])]);
     let picks: Vec<(u32, Source)> = std::iter::from_fn(|| p.next(None, &mut rng())).collect();
     assert_eq!(picks.len(), 2, "{picks:?}");
     assert!(picks.iter().all(|(_, s)| *s == Source::Parent(ids[1])));
+}
+
+#[test]
+fn a_seed_that_offers_every_missing_piece_is_asked_like_any_parent() {
+    // Every piece went out once: the seed offers all that is missing here and holds
+    // nothing back, so it is one more parent (its budget is no longer the share, and a
+    // piece a busy normal parent holds may come from it).
+    let (mut p, ids) = setup(4, &[(true, &[0, 1, 2, 3]), (false, &[0, 1, 2, 3])]);
+    assert_eq!(p.budget(ids[0]), 2);
+    let picks: Vec<(u32, Source)> = std::iter::from_fn(|| p.next(None, &mut rng())).collect();
+    assert_eq!(picks.len(), 4, "{picks:?}");
+    let from_seed = picks
+        .iter()
+        .filter(|(_, s)| *s == Source::Parent(ids[0]))
+        .count();
+    assert_eq!(from_seed, 2, "{picks:?}");
+    p.check().unwrap();
 }
 
 #[test]
@@ -105,7 +127,8 @@ fn pieces_only_slow_parents_hold_may_come_from_the_seed() {
     // Seed holds all; a fast parent holds 0..4, a slow one (a quarter of its rate) 4..8.
     let mut c = cfg();
     c.max_per_parent = 8;
-    let mut p = Picker::new(8, c);
+    // (A ninth piece nobody offers yet: the seed is still dealing.)
+    let mut p = Picker::new(9, c);
     let seed = p.add_parent(true);
     let fast = p.add_parent(false);
     let slow = p.add_parent(false);

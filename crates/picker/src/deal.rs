@@ -1,0 +1,312 @@
+//! Super-seeding: which child a seed peer tells of which piece, and when. Pure: time is
+//! seconds on the caller's clock, children are whatever keys the caller uses (host IDs in
+//! the daemon, host indices in the simulator), so the seed peer and the simulator run the
+//! same rules.
+//!
+//! The seed's upload should carry distinct pieces (Kumar–Ross: the server pushes one copy;
+//! the peers relay the rest to each other). So each fresh piece is *dealt* to one child
+//! first: the first child told of it that has fewer than [`DEAL_AHEAD`] dealt pieces it has
+//! not asked for yet. A child takes new pieces as fast as it fetches them, so the seed's
+//! upload splits over the children in proportion to their rates, and a slow child is dealt
+//! few. The others are told of a piece only [`RELAY_GRACE`] after the seed first served it
+//! (they take it from the child that got it), or [`MAX_DEFER`] after it arrived here.
+//!
+//! The last distinct pieces: once no fresh piece is left to deal, a child with none dealt
+//! takes over a piece waiting unasked at a child with a backlog ([`DEAL_AHEAD`] waiting,
+//! or one waiting longer than twice the usual time from a deal to its request), so the last
+//! pieces leave the seed at the pace of the children free to take them, not behind a slow
+//! or busy one. Once every piece has been served once, nothing distinct is left for the
+//! seed's upload and nothing is held back.
+//!
+//! A child that leaves (its last SyncPieces stream ended: done, rescheduled or dead) frees
+//! the pieces dealt to it: they are offered to everyone, since it can no longer pass them
+//! on. Callers look at the pieces they hold back at least every [`RECHECK`]: a request, a
+//! departure or the last piece going out may release them early.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
+
+/// After the seed first served a piece, how long the others wait before it offers it too
+/// (seconds).
+pub const RELAY_GRACE: f64 = 12.0;
+/// The longest a piece is held back from a child (seconds since it arrived at the seed).
+pub const MAX_DEFER: f64 = 30.0;
+/// Pieces dealt to a child and not requested by it yet, at most.
+pub const DEAL_AHEAD: u32 = 2;
+/// How often a caller looks again at the pieces it holds back (seconds).
+pub const RECHECK: f64 = 0.2;
+
+/// One task's dealing at a seed peer.
+#[derive(Debug, Clone)]
+pub struct Dealer<K> {
+    /// Children syncing the task, in arrival order, with their number of open streams.
+    children: Vec<(K, usize)>,
+    /// Piece -> the child it is dealt to, and when it was dealt.
+    dealt: BTreeMap<u32, (K, f64)>,
+    /// Child -> pieces dealt to it that it has not requested yet.
+    outstanding: HashMap<K, u32>,
+    /// Piece -> when a child first requested it.
+    served: HashMap<u32, f64>,
+    /// Distinct pieces dealt or served.
+    claimed: u32,
+    /// Mean time from a deal to its owner's request (s), once measured.
+    wait: Option<f64>,
+}
+
+impl<K> Default for Dealer<K> {
+    fn default() -> Self {
+        Dealer {
+            children: Vec::new(),
+            dealt: BTreeMap::new(),
+            outstanding: HashMap::new(),
+            served: HashMap::new(),
+            claimed: 0,
+            wait: None,
+        }
+    }
+}
+
+impl<K: Clone + Eq + Hash> Dealer<K> {
+    /// A child opened a stream (a reconnect counts again, so it keeps its deals).
+    pub fn join(&mut self, child: K) {
+        match self.children.iter_mut().find(|(c, _)| *c == child) {
+            Some((_, n)) => *n += 1,
+            None => self.children.push((child, 1)),
+        }
+    }
+
+    /// A child's stream ended. When it was its last, the pieces dealt to it are
+    /// everyone's now; returns whether that happened.
+    pub fn leave(&mut self, child: &K) -> bool {
+        let Some(i) = self.children.iter().position(|(c, _)| c == child) else {
+            return false;
+        };
+        self.children[i].1 -= 1;
+        if self.children[i].1 > 0 {
+            return false;
+        }
+        self.children.remove(i);
+        self.outstanding.remove(child);
+        self.dealt.retain(|_, (owner, _)| owner != child);
+        true
+    }
+
+    /// Whether `child` has a stream open.
+    pub fn contains(&self, child: &K) -> bool {
+        self.children.iter().any(|(c, _)| c == child)
+    }
+
+    /// No child is syncing: the caller may drop this dealer.
+    pub fn is_empty(&self) -> bool {
+        self.children.is_empty()
+    }
+
+    /// Distinct pieces dealt or served so far.
+    pub fn claimed(&self) -> u32 {
+        self.claimed
+    }
+
+    /// A child requested `piece` at `now`.
+    pub fn served(&mut self, piece: u32, now: f64) {
+        if self.served.contains_key(&piece) {
+            return;
+        }
+        self.served.insert(piece, now);
+        match self.dealt.get(&piece) {
+            Some((owner, at)) => {
+                // Its owner asked for it: one fewer waiting, so it may be dealt another.
+                if let Some(n) = self.outstanding.get_mut(owner) {
+                    *n = n.saturating_sub(1);
+                }
+                let w = (now - at).max(0.0);
+                self.wait = Some(self.wait.map_or(w, |m| 0.8 * m + 0.2 * w));
+            }
+            None => self.claimed += 1,
+        }
+    }
+
+    /// When `child` may be told of `piece`, which arrived at the seed `age` seconds ago:
+    /// `None` means now (the piece may be dealt to it by this call); otherwise the time to
+    /// ask again at the latest. `piece_count` is the task's, once known.
+    pub fn release(
+        &mut self,
+        child: &K,
+        piece: u32,
+        age: f64,
+        piece_count: Option<u32>,
+        now: f64,
+    ) -> Option<f64> {
+        let all_out = piece_count.is_some_and(|c| self.served.len() as u32 >= c);
+        if age >= MAX_DEFER || all_out {
+            return None;
+        }
+        if self.children.len() <= 1 || !self.contains(child) {
+            return None; // a lone child takes everything; a stranger cannot be dealt to
+        }
+        let cap = now + (MAX_DEFER - age);
+        let first_served = self.served.get(&piece).copied();
+        let mine = self.outstanding.get(child).copied().unwrap_or(0);
+        match self.dealt.get(&piece) {
+            Some((owner, _)) if owner == child => return None,
+            Some((owner, at)) => {
+                let theirs = self.outstanding.get(owner).copied().unwrap_or(0);
+                let fresh_left = piece_count.is_none_or(|c| self.claimed < c);
+                let stuck = self.wait.is_some_and(|w| now - at > 2.0 * w + RECHECK);
+                let takes_over = first_served.is_none()
+                    && !fresh_left
+                    && mine == 0
+                    && (theirs >= DEAL_AHEAD || (theirs >= 1 && stuck));
+                if takes_over {
+                    let owner = owner.clone();
+                    self.outstanding.insert(owner, theirs - 1);
+                    self.outstanding.insert(child.clone(), 1);
+                    self.dealt.insert(piece, (child.clone(), now));
+                    return None;
+                }
+            }
+            // Served, and the child it was dealt to is gone: everyone's now.
+            None if first_served.is_some() => return None,
+            None => {
+                if mine < DEAL_AHEAD {
+                    self.outstanding.insert(child.clone(), mine + 1);
+                    self.dealt.insert(piece, (child.clone(), now));
+                    self.claimed += 1;
+                    return None;
+                }
+                // This child has enough waiting: the piece stays free for a child that
+                // fetches faster.
+                return Some((now + RECHECK).min(cap));
+            }
+        }
+        match first_served {
+            Some(first) => {
+                let at = first + RELAY_GRACE;
+                (at > now).then_some(at.min(cap))
+            }
+            // Its owner has not asked for it yet: looked at again soon.
+            None => Some((now + RECHECK).min(cap)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dealer(children: &[&'static str]) -> Dealer<&'static str> {
+        let mut d = Dealer::default();
+        for c in children {
+            d.join(*c);
+        }
+        d
+    }
+
+    #[test]
+    fn designated_child_first_others_after_relay_grace_or_cap() {
+        let mut d = dealer(&["a"]);
+        assert_eq!(
+            d.release(&"a", 1, 0.0, None, 0.0),
+            None,
+            "a lone child gets all"
+        );
+        d.join("b");
+        d.join("b"); // a reconnect keeps b's count
+                     // Told first, each child is dealt the piece: 0 to a, 2 to b.
+        assert_eq!(d.release(&"a", 0, 0.0, None, 0.0), None);
+        assert_eq!(d.release(&"b", 2, 0.0, None, 0.0), None);
+        // b is held back from a's piece, looking again soon.
+        assert_eq!(d.release(&"b", 0, 0.0, None, 0.0), Some(RECHECK));
+        d.served(0, 1.0);
+        assert_eq!(d.release(&"b", 0, 1.0, None, 1.0), Some(1.0 + RELAY_GRACE));
+        assert_eq!(d.release(&"b", 0, 1.0, None, 1.0 + RELAY_GRACE), None);
+        // Old pieces are not held back.
+        assert_eq!(d.release(&"b", 3, MAX_DEFER, None, 2.0), None);
+        assert!(!d.leave(&"b"), "b still has a stream");
+        assert!(
+            d.release(&"a", 2, 0.0, None, 2.0).is_some(),
+            "piece 2 is b's"
+        );
+        assert!(d.leave(&"b"));
+        assert_eq!(d.release(&"a", 4, 0.0, None, 2.0), None, "a alone again");
+        assert!(d.leave(&"a") && d.is_empty());
+    }
+
+    #[test]
+    fn pieces_dealt_to_a_child_that_left_are_offered_to_everyone() {
+        let mut d = dealer(&["a", "b", "c"]);
+        assert_eq!(d.release(&"a", 0, 0.0, None, 0.0), None);
+        assert_eq!(d.release(&"b", 1, 0.0, None, 0.0), None);
+        d.served(0, 0.1);
+        d.served(1, 0.1);
+        assert!(d.release(&"b", 0, 0.1, None, 0.2).is_some());
+        assert!(d.release(&"c", 1, 0.1, None, 0.2).is_some());
+        // a dies: its piece goes to everyone now; b's stays b's to relay.
+        d.leave(&"a");
+        assert_eq!(d.release(&"b", 0, 0.1, None, 0.3), None);
+        assert_eq!(d.release(&"c", 0, 0.1, None, 0.3), None);
+        assert!(d.release(&"c", 1, 0.1, None, 0.3).is_some());
+    }
+
+    #[test]
+    fn a_child_that_fetches_slowly_is_dealt_only_what_it_takes() {
+        let mut d = dealer(&["slow", "fast"]);
+        let mut dealt: HashMap<&str, Vec<u32>> = HashMap::new();
+        for n in 0..8 {
+            for c in ["slow", "fast"] {
+                if d.release(&c, n, 0.0, None, 0.0).is_none() {
+                    dealt.entry(c).or_default().push(n);
+                }
+            }
+        }
+        assert_eq!(dealt["slow"], [0, 1]);
+        assert_eq!(dealt["fast"], [2, 3]);
+        // The fast child asks for its pieces, the slow one does not: asked again, the fast
+        // one is dealt the next ones, the slow one nothing more.
+        for round in 0..3 {
+            let t = round as f64;
+            for n in dealt["fast"].clone() {
+                d.served(n, t);
+            }
+            let mut got = Vec::new();
+            for n in 4..8 {
+                assert!(d.release(&"slow", n, t, None, t).is_some());
+                if d.release(&"fast", n, t, None, t).is_none() && !dealt["fast"].contains(&n) {
+                    got.push(n);
+                }
+            }
+            assert!(got.len() <= DEAL_AHEAD as usize, "round {round}: {got:?}");
+            dealt.get_mut("fast").unwrap().extend(got);
+        }
+        assert_eq!(dealt["fast"], [2, 3, 4, 5, 6, 7]);
+        d.served(0, 3.0);
+        assert_eq!(d.release(&"slow", 8, 0.0, None, 3.0), None);
+    }
+
+    #[test]
+    fn the_last_pieces_go_to_children_free_to_take_them() {
+        // Four pieces, three children: a is dealt 0 and 1, b 2 and 3; no fresh piece is left.
+        let mut d = dealer(&["a", "b", "c"]);
+        let count = Some(4);
+        for (c, n) in [("a", 0), ("a", 1), ("b", 2), ("b", 3)] {
+            assert_eq!(d.release(&c, n, 0.0, count, 0.0), None);
+        }
+        // c, with nothing dealt, takes over a piece waiting at a (two waiting there)...
+        assert_eq!(d.release(&"c", 1, 0.0, count, 0.0), None);
+        // ...and nothing more while it has one waiting.
+        assert!(d.release(&"c", 3, 0.0, count, 0.0).is_some());
+        // a asks for 0 and has none waiting: it takes over one of b's two.
+        d.served(0, 0.5);
+        assert_eq!(d.release(&"a", 3, 0.0, count, 0.5), None);
+        // b asks for 2. c's piece (1) is not taken from it while c keeps the usual pace...
+        d.served(2, 1.0);
+        assert!(d.release(&"b", 1, 0.0, count, 1.2).is_some());
+        // ...but is once it waited over twice the usual time from a deal to its request.
+        assert_eq!(d.release(&"b", 1, 0.0, count, 5.0), None);
+        // Once every piece was served once, nothing is held back.
+        for n in [1, 3] {
+            d.served(n, 5.5);
+        }
+        assert_eq!(d.release(&"c", 0, 0.0, count, 5.6), None);
+        assert_eq!(d.release(&"c", 2, 0.0, count, 5.6), None);
+    }
+}
