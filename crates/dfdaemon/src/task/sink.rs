@@ -62,24 +62,22 @@ impl<'a> PieceSink<'a> {
         self.flush_if_full().await
     }
 
-    /// Reads once from `reader` straight into the buffer; returns the bytes read (0 at its
-    /// end). A full buffer is written out.
-    pub(super) async fn read_from(
+    /// Reads once from `reader` into the buffer without writing it out; returns the bytes
+    /// read (0 at its end). Dropping this future never leaves a write behind (the caller
+    /// then calls [`PieceSink::flush_if_full`]).
+    pub(super) async fn read(
         &mut self,
         reader: &mut (impl AsyncRead + Unpin),
-    ) -> Result<usize, ReadError> {
+    ) -> std::io::Result<usize> {
         self.buf.reserve(self.cap.saturating_sub(self.buf.len()));
         let start = self.buf.len();
-        let n = reader
-            .read_buf(&mut self.buf)
-            .await
-            .map_err(ReadError::Io)?;
+        let n = reader.read_buf(&mut self.buf).await?;
         self.hasher.update(&self.buf[start..]);
-        self.flush_if_full().await.map_err(ReadError::Storage)?;
         Ok(n)
     }
 
-    async fn flush_if_full(&mut self) -> Result<(), StorageError> {
+    /// Writes the buffer out once it is full.
+    pub(super) async fn flush_if_full(&mut self) -> Result<(), StorageError> {
         if self.buf.len() >= self.cap {
             self.flush().await?;
         }
@@ -113,10 +111,4 @@ impl<'a> PieceSink<'a> {
         self.flush().await?;
         Ok((self.flushed, self.hasher.finalize()))
     }
-}
-
-/// A failed [`PieceSink::read_from`]: the source's fault or the disk's.
-pub(super) enum ReadError {
-    Io(std::io::Error),
-    Storage(StorageError),
 }

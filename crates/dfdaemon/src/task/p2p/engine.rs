@@ -6,9 +6,20 @@
 //! ([`super::transfer`], [`crate::task::source::fetch_piece`]) and keeps the scheduler
 //! informed ([`super::conversation`]). A whole back-to-source download is this loop with
 //! no parents.
+//!
+//! **Endgame.** For the last pieces the picker may ask a second parent for a piece already
+//! in flight. One fetch of a piece writes the content file (and is relayed from it); the
+//! second reads into memory only ([`Target::Buffer`]). If the writing fetch wins, the copy
+//! in memory is dropped. If the copy wins, the writing fetch is told so between two of its
+//! writes ([`Steer::TakeOver`]) and writes the rest of the piece from the copy, through
+//! its own relay flight (children following it lose nothing), checks the whole piece's
+//! CRC and records it. Only should that fail is the copy written by itself, after the
+//! writing fetch returned. So no two fetches ever write one piece at the same time.
 
 use super::conversation::{Conversation, Directive};
-use super::transfer::{fetch_piece, sync_pieces, FetchError, ParentEvent};
+use super::transfer::{
+    commit_buffered, fetch_piece, sync_pieces, FetchError, Fetched, ParentEvent, Steer, Target,
+};
 use super::{ORPHAN_STALL, PARENT_FAILURE_LIMIT, PARENT_STALL, REFRESH_INTERVAL, REFRESH_MAX};
 use crate::error::TaskError;
 use crate::task::source::{self, Prepared};
@@ -26,25 +37,21 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-/// The picker's settings for a download of `layout` with `concurrency` fetches at most.
-/// Few pieces in flight per parent, so that each completes soon: k pieces sharing a
-/// parent's link each take k piece-times, and a piece is verified (and its last byte
-/// relayed, see [`crate::relay`]) only once whole. Two (unmeasured) keep the link busy
-/// across the request round trip; measured, a budget covers 0.35 s of the parent's rate
-/// (two 4 MiB pieces at 200 Mbit/s, one at 100). The seed gets one while other parents
-/// are connected. No endgame duplicates: a piece is written straight into the content file
-/// (and relayed from there) as it arrives, so two flights of one piece would write the
-/// same bytes, and a losing parent's bad bytes could land after the winner's good ones.
+/// The picker's settings for a download of `layout` with `concurrency` fetches at most
+/// ([`d7y_picker::Config::for_download`], which the simulator uses too). Few pieces in
+/// flight per parent, so that each completes soon: k pieces sharing a parent's link each
+/// take k piece-times, and a piece is verified (and its last byte relayed, see
+/// [`crate::relay`]) only once whole. Two (unmeasured) keep the link busy across the
+/// request round trip; measured, a budget covers 0.35 s of the parent's rate (two 4 MiB
+/// pieces at 200 Mbit/s, one at 100). The seed gets one while other parents are
+/// connected. The endgame's second copies are held in memory until one wins, so it covers
+/// at most [`d7y_picker::ENDGAME_MEMORY`] of pieces.
 fn picker_config(layout: PieceLayout, concurrency: usize) -> d7y_picker::Config {
-    d7y_picker::Config {
-        concurrency,
-        piece_length: layout.piece_length.max(1),
-        endgame_pieces: 0,
-        ..d7y_picker::Config::default()
-    }
+    d7y_picker::Config::for_download(layout.piece_length, concurrency)
 }
 
 /// Why the loop stopped before having every piece.
@@ -83,7 +90,9 @@ impl Drop for Parent {
     }
 }
 
-type Fetch<'a> = BoxFuture<'a, (u32, String, Result<PieceMeta, FetchError>)>;
+/// A fetch's end: the piece, the parent's id (empty for the origin), the source, and what
+/// came of it.
+type Fetch<'a> = BoxFuture<'a, (u32, String, Source, Result<Fetched, FetchError>)>;
 
 pub(super) struct Engine<'a> {
     mgr: &'a TaskManager,
@@ -98,9 +107,14 @@ pub(super) struct Engine<'a> {
     probe: Option<Probe>,
     /// The origin's request, once it is a source of this loop.
     origin: Option<Arc<SourceRequest>>,
-    /// Pieces in flight: the parent fetching each (its id, empty for the origin) and the
-    /// source.
-    inflight: HashMap<u32, (String, Source)>,
+    /// Fetches in flight, by piece and source: the parent's id (empty for the origin).
+    inflight: HashMap<(u32, Source), String>,
+    /// Per piece in flight, the fetch that writes the content file (the others are endgame
+    /// copies in memory) and how to steer it (none for the origin's and for commits).
+    writing: HashMap<u32, (Source, Option<oneshot::Sender<Steer>>)>,
+    /// Endgame copies that won while the piece's writing fetch still ran, kept until it
+    /// returned: (source, parent id, piece, bytes).
+    won: HashMap<u32, (Source, String, PieceMeta, bytes::Bytes)>,
     parents: HashMap<String, Parent>,
     /// Parents the scheduler took back, kept with what they hold and their connections.
     retired: HashMap<String, Parent>,
@@ -120,8 +134,8 @@ pub(super) struct Engine<'a> {
     /// scheduler): what a parent serves is checked against these, not only against the
     /// digest the parent itself claims.
     authority: HashMap<u32, Digest>,
-    /// Abandons a piece's fetch (its parent stalled).
-    aborts: HashMap<u32, futures_util::future::AbortHandle>,
+    /// Abandons a fetch (its parent stalled, or it is an endgame copy that lost).
+    aborts: HashMap<(u32, Source), futures_util::future::AbortHandle>,
     /// Bytes received by the fetches: a stall is a time without any, not without a whole
     /// piece (on a crowded link a piece may take long while bytes keep coming).
     received: Arc<std::sync::atomic::AtomicU64>,
@@ -159,6 +173,8 @@ impl<'a> Engine<'a> {
             probe,
             origin: None,
             inflight: HashMap::new(),
+            writing: HashMap::new(),
+            won: HashMap::new(),
             parents: HashMap::new(),
             retired: HashMap::new(),
             failed: HashSet::new(),
@@ -395,10 +411,12 @@ impl<'a> Engine<'a> {
         let mut rng = rand::thread_rng();
         // A reader streaming the content in order waits for one piece: it goes first.
         while let Some((number, source)) = self.picker.next(self.run.wanted(), &mut rng) {
-            let (parent_id, fut): (String, BoxFuture<'a, Result<PieceMeta, FetchError>>) =
+            // A second fetch of a piece (the endgame) reads into memory; the first writes.
+            let copy = self.writing.contains_key(&number);
+            let (parent_id, fut): (String, BoxFuture<'a, Result<Fetched, FetchError>>) =
                 match source {
                     Source::Origin => {
-                        let Some(request) = self.origin.clone() else {
+                        let Some(request) = self.origin.clone().filter(|_| !copy) else {
                             self.picker.failed(number, source);
                             break;
                         };
@@ -412,8 +430,11 @@ impl<'a> Engine<'a> {
                         let fut = async move {
                             source::fetch_piece(mgr, run, plan, &request, &writer, layout, number)
                                 .await
+                                .map(Fetched::Recorded)
                                 .map_err(FetchError::Origin)
-                        };
+                        }; // The origin's fetch is not steered: an endgame copy that beats it
+                           // waits for it to end.
+                        self.writing.insert(number, (source, None));
                         (String::new(), fut.boxed())
                     }
                     Source::Parent(handle) => {
@@ -425,6 +446,13 @@ impl<'a> Engine<'a> {
                         let Some(addr) = parent.piece_addr else {
                             self.picker.failed(number, source);
                             break;
+                        };
+                        let target = if copy {
+                            Target::Buffer
+                        } else {
+                            let (steer, steered) = oneshot::channel();
+                            self.writing.insert(number, (source, Some(steer)));
+                            Target::File(steered)
                         };
                         let fut = fetch_piece(
                             self.mgr,
@@ -438,23 +466,61 @@ impl<'a> Engine<'a> {
                             parent.pool.clone(),
                             self.authority.get(&number).cloned(),
                             self.received.clone(),
+                            target,
                         );
                         (parent.id.clone(), fut.boxed())
                     }
                 };
-            self.inflight.insert(number, (parent_id.clone(), source));
-            let (fut, abort) = futures_util::future::abortable(fut);
-            self.aborts.insert(number, abort);
-            self.fetches.push(
-                async move {
-                    let result = fut.await.unwrap_or_else(|_| {
-                        Err(FetchError::Transfer("abandoned: the parent stalled".into()))
-                    });
-                    (number, parent_id, result)
-                }
-                .boxed(),
-            );
+            self.launch(number, source, parent_id, fut);
         }
+    }
+
+    /// Runs a fetch (or the commit of an endgame copy) as part of the loop.
+    fn launch(
+        &mut self,
+        number: u32,
+        source: Source,
+        parent_id: String,
+        fut: BoxFuture<'a, Result<Fetched, FetchError>>,
+    ) {
+        self.inflight.insert((number, source), parent_id.clone());
+        let (fut, abort) = futures_util::future::abortable(fut);
+        self.aborts.insert((number, source), abort);
+        self.fetches.push(
+            async move {
+                let result = fut.await.unwrap_or_else(|_| {
+                    Err(FetchError::Transfer("abandoned: the parent stalled".into()))
+                });
+                (number, parent_id, source, result)
+            }
+            .boxed(),
+        );
+    }
+
+    /// Writes and records an endgame copy that won; nothing else writes the piece now.
+    fn commit(
+        &mut self,
+        number: u32,
+        source: Source,
+        parent_id: String,
+        piece: PieceMeta,
+        data: bytes::Bytes,
+    ) {
+        debug!(
+            task_id = self.plan.task_id,
+            number,
+            parent = parent_id,
+            "endgame: a second copy won; writing it alone"
+        );
+        let (mgr, run, writer) = (self.mgr, self.run, self.writer.clone());
+        let task_id = self.plan.task_id.clone();
+        let fut = async move {
+            commit_buffered(mgr, run, &writer, &task_id, piece, data)
+                .await
+                .map(Fetched::Recorded)
+        };
+        self.writing.insert(number, (source, None));
+        self.launch(number, source, parent_id, fut.boxed());
     }
 
     fn stuck(&self) -> bool {
@@ -485,8 +551,8 @@ impl<'a> Engine<'a> {
             }
             let alive = self.talk.alive();
             tokio::select! {
-                Some((number, parent, result)) = self.fetches.next(), if !self.fetches.is_empty() => {
-                    self.on_fetched(number, &parent, result).map_err(EngineExit::Failed)?;
+                Some((number, parent, source, result)) = self.fetches.next(), if !self.fetches.is_empty() => {
+                    self.on_fetched(number, &parent, source, result).map_err(EngineExit::Failed)?;
                 }
                 Some(event) = self.events_rx.recv() => self.on_parent_event(event),
                 directive = self.talk.next() => match directive {
@@ -545,9 +611,9 @@ impl<'a> Engine<'a> {
     fn parents_stalled(&mut self) {
         let busy: HashSet<String> = self
             .inflight
-            .values()
-            .filter(|(_, source)| matches!(source, Source::Parent(_)))
-            .map(|(id, _)| id.clone())
+            .iter()
+            .filter(|((_, source), _)| matches!(source, Source::Parent(_)))
+            .map(|(_, id)| id.clone())
             .collect();
         let stalled: Vec<String> = if busy.is_empty() {
             self.parents.keys().cloned().collect()
@@ -573,11 +639,25 @@ impl<'a> Engine<'a> {
         for id in &stalled {
             self.drop_parent(id, "stalled");
         }
-        // The stuck fetches end as failures, and their pieces are fetched again.
-        for (number, (parent, _)) in &self.inflight {
-            if busy.contains(parent) {
-                if let Some(handle) = self.aborts.get(number) {
-                    handle.abort();
+        // The stuck fetches end as failures, and their pieces are fetched again. One that
+        // writes the file is told to stop (it returns between two writes); a copy in
+        // memory is dropped.
+        for ((number, source), parent) in &self.inflight {
+            if !busy.contains(parent) {
+                continue;
+            }
+            let steer = match self.writing.get_mut(number) {
+                Some((writer, steer)) if writer == source => steer.take(),
+                _ => None,
+            };
+            match steer {
+                Some(steer) => {
+                    let _ = steer.send(Steer::Stop);
+                }
+                None => {
+                    if let Some(handle) = self.aborts.get(&(*number, *source)) {
+                        handle.abort();
+                    }
                 }
             }
         }
@@ -624,34 +704,71 @@ impl<'a> Engine<'a> {
         &mut self,
         number: u32,
         parent_id: &str,
-        result: Result<PieceMeta, FetchError>,
+        source: Source,
+        result: Result<Fetched, FetchError>,
     ) -> Result<(), TaskError> {
-        let source = self.inflight.remove(&number).map(|(_, s)| s);
-        self.aborts.remove(&number);
+        self.inflight.remove(&(number, source));
+        self.aborts.remove(&(number, source));
+        let was_writing = self.writing.get(&number).is_some_and(|(s, _)| *s == source);
+        if was_writing {
+            self.writing.remove(&number);
+        }
+        if self.picker.has(number) {
+            return Ok(()); // the endgame copy that lost, or a fetch of a piece held already
+        }
+        let result = match result {
+            // An endgame copy won: the fetch writing the piece takes the rest from it (the
+            // copy is kept should that fetch fail after all); with none, it goes in now.
+            Ok(Fetched::Buffered { piece, data }) => {
+                self.progressed(parent_id);
+                match self.writing.get_mut(&number) {
+                    Some((_, steer)) => {
+                        if let Some(steer) = steer.take() {
+                            let _ = steer.send(Steer::TakeOver {
+                                data: data.clone(),
+                                parent_id: parent_id.to_string(),
+                            });
+                        }
+                        debug!(
+                            task_id = self.plan.task_id,
+                            number,
+                            parent = parent_id,
+                            "endgame: a second copy won; the writing fetch takes the rest from it"
+                        );
+                        self.won
+                            .insert(number, (source, parent_id.to_string(), piece, data));
+                    }
+                    None => self.commit(number, source, parent_id.to_string(), piece, data),
+                }
+                return Ok(());
+            }
+            Ok(Fetched::Recorded(piece)) => Ok(piece),
+            Err(e) => Err(e),
+        };
         match result {
             Ok(piece) => {
-                match source {
-                    Some(source) => {
-                        let secs = piece.cost_millis as f64 / 1000.0;
-                        self.picker.finished(number, source, piece.length, secs);
+                self.won.remove(&number);
+                let secs = piece.cost_millis as f64 / 1000.0;
+                for loser in self.picker.finished(number, source, piece.length, secs) {
+                    if let Some(handle) = self.aborts.get(&(number, loser)) {
+                        handle.abort();
                     }
-                    None => self.picker.mark_held(number),
                 }
-                self.last_progress = Instant::now();
-                if let Some(p) = self.parents.get_mut(parent_id) {
-                    p.failures = 0;
-                    p.stalls = 0;
-                }
-                self.talk
-                    .piece_finished(&piece, source == Some(Source::Origin));
+                self.progressed(parent_id);
+                debug!(
+                    task_id = self.plan.task_id,
+                    number,
+                    parent = parent_id,
+                    millis = piece.cost_millis,
+                    "piece fetched"
+                );
+                self.talk.piece_finished(&piece, source == Source::Origin);
             }
             Err(FetchError::Storage(e)) => return Err(e.into()),
             // The backend retried the piece already; the origin is the last resort.
             Err(FetchError::Origin(e)) => return Err(e),
             Err(err) => {
-                if let Some(source) = source {
-                    self.picker.failed(number, source);
-                }
+                self.picker.failed(number, source);
                 let metrics = &self.mgr.metrics;
                 metrics
                     .download_piece_failure_total
@@ -684,8 +801,23 @@ impl<'a> Engine<'a> {
                 if self.parents.is_empty() && self.origin.is_none() {
                     self.reschedule("every parent failed");
                 }
+                // A copy that arrived while this fetch was writing goes in now.
+                if was_writing {
+                    if let Some((won_source, won_parent, piece, data)) = self.won.remove(&number) {
+                        self.commit(number, won_source, won_parent, piece, data);
+                    }
+                }
             }
         }
         Ok(())
+    }
+
+    /// Bytes came from `parent_id`: it is not failing.
+    fn progressed(&mut self, parent_id: &str) {
+        self.last_progress = Instant::now();
+        if let Some(p) = self.parents.get_mut(parent_id) {
+            p.failures = 0;
+            p.stalls = 0;
+        }
     }
 }

@@ -1,9 +1,11 @@
 //! The transfers of the piece loop: a parent's SyncPieces stream (which pieces it holds
-//! or is receiving) and one piece fetched from a parent over Vortex into the content file,
-//! checked against its CRC before it is recorded. Pieces from the origin are fetched by
+//! or is receiving) and one piece fetched from a parent over Vortex, checked against its
+//! CRC: into the content file (relayed to children as it arrives, recorded when whole) or,
+//! for an endgame duplicate, into memory only ([`Target`]), so that the copy that loses the
+//! race leaves nothing behind. Pieces from the origin are fetched by
 //! [`crate::task::source::fetch_piece`].
 
-use super::super::sink::{PieceSink, ReadError};
+use super::super::sink::PieceSink;
 use super::super::{TaskManager, TaskRun};
 use super::CONNECT_TIMEOUT;
 use crate::error::TaskError;
@@ -17,6 +19,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+use tokio::sync::oneshot;
 
 /// A fetch whose parent sends nothing for this long is abandoned and its piece asked for
 /// again: a flow stuck in TCP back-off on a crowded link, or a parent that froze. A relay
@@ -45,6 +48,42 @@ pub(super) enum FetchError {
     /// A piece from the origin failed (after the backend's own retries): final.
     #[error("{0}")]
     Origin(TaskError),
+}
+
+/// Where a fetched piece's bytes go.
+pub(super) enum Target {
+    /// Into the content file at the piece's offset, relayed to children as they arrive,
+    /// recorded once verified. The engine may [`Steer`] it while it reads (never during a
+    /// write, so when it returns, none of its writes can still land).
+    File(oneshot::Receiver<Steer>),
+    /// Into memory only (an endgame duplicate, while another fetch writes the file):
+    /// nothing is written, relayed or recorded until the engine commits it
+    /// ([`commit_buffered`]).
+    Buffer,
+}
+
+/// What the engine tells a fetch that writes the file, while it runs.
+pub(super) enum Steer {
+    /// Give up (its parent stalled).
+    Stop,
+    /// An endgame copy of the whole piece (verified) arrived first, from `parent_id`:
+    /// write the rest of the piece from it instead of waiting on this parent. Children
+    /// relaying this fetch's flight get those bytes as they are written.
+    TakeOver {
+        data: bytes::Bytes,
+        parent_id: String,
+    },
+}
+
+/// A fetched, verified piece.
+pub(super) enum Fetched {
+    /// Written and recorded.
+    Recorded(PieceMeta),
+    /// Held in memory (a [`Target::Buffer`] fetch): `piece` describes it, `data` is it.
+    Buffered {
+        piece: PieceMeta,
+        data: bytes::Bytes,
+    },
 }
 
 /// Something a parent's background stream learnt.
@@ -121,7 +160,8 @@ pub(super) async fn sync_pieces(
         .await;
 }
 
-/// Fetches one piece over Vortex into the content file, checks its CRC, records it.
+/// Fetches one piece over Vortex into `target`, checks its CRC, and records it when it
+/// went into the file.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn fetch_piece(
     mgr: &TaskManager,
@@ -135,7 +175,8 @@ pub(super) async fn fetch_piece(
     pool: Arc<Mutex<Vec<d7y_vortex::Client>>>,
     authority: Option<Digest>,
     received: Arc<std::sync::atomic::AtomicU64>,
-) -> Result<PieceMeta, FetchError> {
+    mut target: Target,
+) -> Result<Fetched, FetchError> {
     let started = Instant::now();
     let timeout = mgr.config.download.piece_timeout;
     let transfer = |e: String| FetchError::Transfer(e);
@@ -192,6 +233,28 @@ pub(super) async fn fetch_piece(
             }
         }
         let expected = authority.unwrap_or(claimed);
+        // The whole piece's CRC against the expected one.
+        let verify = |crc: u32| {
+            let actual = Digest::crc32(crc);
+            if actual == expected {
+                Ok(actual)
+            } else {
+                Err(FetchError::Corrupt {
+                    number,
+                    parent: parent_id.clone(),
+                    expected: expected.to_string(),
+                    actual: actual.to_string(),
+                })
+            }
+        };
+        let mut steer = match &mut target {
+            Target::File(steer) => Some(steer),
+            Target::Buffer => {
+                let data = read_to_memory(&mut client, length, &received, silent).await?;
+                let actual = verify(crc32fast::hash(&data))?;
+                return Ok((actual, Err(data), true, parent_id.clone()));
+            }
+        };
         // From here the piece can be relayed to children while it arrives.
         let flight = mgr.flights.begin(
             &task_id,
@@ -209,17 +272,48 @@ pub(super) async fn fetch_piece(
         let mut sink =
             PieceSink::new(&writer, &limits, offset, length, write_buffer_size).relaying(&flight);
         let mut reader = client.content(length);
+        // Who the bytes came from, and whether the connection is at a message boundary.
+        let mut source = parent_id.clone();
+        let mut reusable = true;
         loop {
-            let read = tokio::time::timeout(FETCH_SILENCE, sink.read_from(&mut reader))
-                .await
-                .map_err(|_| silent())?;
+            // Only the read waits on the engine: a write, once begun, finishes.
+            let read = tokio::select! {
+                biased;
+                steered = async { steer.as_mut().expect("guarded").await }, if steer.is_some() => {
+                    steer = None;
+                    match steered {
+                        Ok(Steer::Stop) => {
+                            return Err(transfer("abandoned: the parent stalled".into()))
+                        }
+                        Ok(Steer::TakeOver { data, parent_id }) => {
+                            let have = sink.len() as usize;
+                            if data.len() as u64 != length || have > data.len() {
+                                return Err(transfer(format!(
+                                    "an endgame copy of {} bytes for a piece of {length}",
+                                    data.len()
+                                )));
+                            }
+                            for chunk in data[have..].chunks(1 << 20) {
+                                sink.push(chunk).await?;
+                            }
+                            source = parent_id;
+                            reusable = false; // the rest of this parent's answer is unread
+                            break;
+                        }
+                        Err(_) => continue, // the engine let go: read on
+                    }
+                }
+                read = tokio::time::timeout(FETCH_SILENCE, sink.read(&mut reader)) => {
+                    read.map_err(|_| silent())?
+                }
+            };
             match read {
                 Ok(0) => break,
                 Ok(n) => {
                     received.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                    sink.flush_if_full().await?;
                 }
-                Err(ReadError::Io(e)) => return Err(transfer(e.to_string())),
-                Err(ReadError::Storage(e)) => return Err(e.into()),
+                Err(e) => return Err(transfer(e.to_string())),
             }
         }
         let (written, crc) = sink.finish().await?;
@@ -228,18 +322,10 @@ pub(super) async fn fetch_piece(
                 "parent closed after {written} of {length} bytes"
             )));
         }
-        let actual = Digest::crc32(crc);
-        if actual != expected {
-            return Err(FetchError::Corrupt {
-                number,
-                parent: parent_id.clone(),
-                expected: expected.to_string(),
-                actual: actual.to_string(),
-            });
-        }
-        Ok((actual, flight))
+        let actual = verify(crc)?;
+        Ok((actual, Ok(flight), reusable, source))
     };
-    let (digest, flight) = match tokio::time::timeout(timeout, work).await {
+    let (digest, landed, reusable, source) = match tokio::time::timeout(timeout, work).await {
         Ok(Ok(done)) => done,
         Ok(Err(e)) => return Err(e),
         Err(_) => {
@@ -248,13 +334,82 @@ pub(super) async fn fetch_piece(
             )))
         }
     };
-    pool.lock().expect("pool").push(client);
+    if reusable {
+        pool.lock().expect("pool").push(client);
+    }
     let mut piece = PieceMeta::new(number, offset, length, digest.to_string());
-    piece.parent_id = Some(parent_id);
+    piece.parent_id = Some(source);
     piece.traffic_type = TrafficType::RemotePeer as i32;
     piece.cost_millis = started.elapsed().as_millis() as u64;
-    mgr.record_piece(run, &task_id, piece.clone(), "REMOTE_PEER")
+    match landed {
+        Ok(flight) => {
+            mgr.record_piece(run, &task_id, piece.clone(), "REMOTE_PEER")
+                .await?;
+            flight.verified();
+            Ok(Fetched::Recorded(piece))
+        }
+        Err(data) => Ok(Fetched::Buffered { piece, data }),
+    }
+}
+
+/// Reads a piece's `length` bytes into memory (an endgame duplicate).
+async fn read_to_memory(
+    client: &mut d7y_vortex::Client,
+    length: u64,
+    received: &std::sync::atomic::AtomicU64,
+    silent: impl Fn() -> FetchError,
+) -> Result<bytes::Bytes, FetchError> {
+    use tokio::io::AsyncReadExt;
+    let mut reader = client.content(length);
+    let mut data = bytes::BytesMut::with_capacity(length as usize);
+    loop {
+        let n = tokio::time::timeout(FETCH_SILENCE, reader.read_buf(&mut data))
+            .await
+            .map_err(|_| silent())?
+            .map_err(|e| FetchError::Transfer(e.to_string()))?;
+        if n == 0 {
+            break;
+        }
+        received.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+    if data.len() as u64 != length {
+        return Err(FetchError::Transfer(format!(
+            "parent closed after {} of {length} bytes",
+            data.len()
+        )));
+    }
+    Ok(data.freeze())
+}
+
+/// Writes an endgame copy that won into the content file and records it. Its CRC was
+/// checked when it arrived; the fetch that was writing the same bytes has ended.
+pub(super) async fn commit_buffered(
+    mgr: &TaskManager,
+    run: &TaskRun,
+    writer: &d7y_storage::ContentWriter,
+    task_id: &str,
+    piece: PieceMeta,
+    data: bytes::Bytes,
+) -> Result<PieceMeta, FetchError> {
+    let limits = [&mgr.download_bandwidth];
+    let mut sink = PieceSink::new(
+        writer,
+        &limits,
+        piece.offset,
+        piece.length,
+        mgr.config.storage.write_buffer_size,
+    );
+    for chunk in data.chunks(1 << 20) {
+        sink.push(chunk).await?;
+    }
+    let (written, _) = sink.finish().await?;
+    if written != piece.length {
+        return Err(FetchError::Transfer(format!(
+            "wrote {written} of {} bytes of piece {}",
+            piece.length, piece.number
+        )));
+    }
+    mgr.record_piece(run, task_id, piece.clone(), "REMOTE_PEER")
         .await?;
-    flight.verified();
     Ok(piece)
 }
