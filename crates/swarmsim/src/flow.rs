@@ -3,11 +3,14 @@
 //! without slowing one that is no faster (progressive filling, run to a fixed number of
 //! rounds: exact for the usual one- or two-bottleneck cases, within a few percent beyond).
 
-/// One direction of transfer: `from`'s upload to `to`'s download.
+/// One direction of transfer: `from`'s upload to `to`'s download, going no faster than
+/// `cap` (bytes/s; a relayed read that caught up with the flight it follows can go only as
+/// fast as that flight).
 #[derive(Debug, Clone, Copy)]
 pub struct Flow {
     pub from: usize,
     pub to: usize,
+    pub cap: f64,
 }
 
 /// Rounds of progressive filling.
@@ -45,7 +48,7 @@ pub fn allocate(up: &[f64], down: &[f64], flows: &[Flow], rates: &mut Vec<f64>) 
             }
             let share_up = up_left[f.from] / out_n[f.from] as f64;
             let share_down = down_left[f.to] / in_n[f.to] as f64;
-            rates[i] += share_up.min(share_down);
+            rates[i] = (rates[i] + share_up.min(share_down)).min(f.cap);
         }
         // Charge the links, then freeze the flows on a saturated link.
         up_left.copy_from_slice(up);
@@ -58,6 +61,7 @@ pub fn allocate(up: &[f64], down: &[f64], flows: &[Flow], rates: &mut Vec<f64>) 
         for (i, f) in flows.iter().enumerate() {
             if up_left[f.from] <= eps * up[f.from].max(1.0)
                 || down_left[f.to] <= eps * down[f.to].max(1.0)
+                || rates[i] >= f.cap
             {
                 frozen[i] = true;
             }
@@ -70,7 +74,14 @@ mod tests {
     use super::*;
 
     fn rates(up: &[f64], down: &[f64], flows: &[(usize, usize)]) -> Vec<f64> {
-        let flows: Vec<Flow> = flows.iter().map(|&(from, to)| Flow { from, to }).collect();
+        let flows: Vec<Flow> = flows
+            .iter()
+            .map(|&(from, to)| Flow {
+                from,
+                to,
+                cap: f64::INFINITY,
+            })
+            .collect();
         let mut r = Vec::new();
         allocate(up, down, &flows, &mut r);
         r.iter().map(|x| (x * 1000.0).round() / 1000.0).collect()
@@ -102,6 +113,22 @@ mod tests {
             ),
             [3.0, 3.0, 7.0]
         );
+        // A capped flow (a relay that caught up with its flight) leaves the rest to others.
+        let flows = [
+            Flow {
+                from: 0,
+                to: 1,
+                cap: 2.0,
+            },
+            Flow {
+                from: 0,
+                to: 2,
+                cap: f64::INFINITY,
+            },
+        ];
+        let mut r = Vec::new();
+        allocate(&[10.0, 10.0, 10.0], &[10.0; 3], &flows, &mut r);
+        assert_eq!(r, [2.0, 8.0]);
         // Nothing to do.
         assert!(rates(&[1.0], &[1.0], &[]).is_empty());
     }

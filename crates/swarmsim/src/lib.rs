@@ -1,14 +1,17 @@
 //! A swarm simulator: the real scheduler model ([`d7y_scheduler::resource::Resources`] and
-//! its parent choice) and the real piece picker ([`d7y_picker::Picker`]) driven against a
-//! flow-level network model ([`flow`]: per-host upload and download rates, max-min fair
-//! sharing) in simulated time. What it leaves out, and so what the residual against the
-//! emulated-host benchmark is made of: TCP's ramp-up and loss recovery, request round
-//! trips, the daemons' CPU and disk, and the cut-through relay (a piece is announced to
-//! children once whole here; the daemon announces it as soon as its header arrives).
+//! its parent choice), the real piece picker ([`d7y_picker::Picker`]) and the seed peer's
+//! real dealing rules ([`d7y_picker::deal`]) driven against a flow-level network model
+//! ([`flow`]: per-host upload and download rates, max-min fair sharing) in simulated
+//! time. Modelled as the daemon runs it: a peer is announced to children as soon as a
+//! piece starts arriving, and a relayed read follows one older flight, never ahead of it
+//! (cut-through relay); links carry [`TCP_GOODPUT`] of their rate in payload; a peer is
+//! "received" until its first parents arrive; the endgame's second copies. Left out, and
+//! so what the residual against the emulated-host benchmark is made of: TCP's ramp-up,
+//! loss recovery and unequal sharing among the flows of one link (max-min here), request
+//! round trips, and the daemons' CPU and disk.
 //!
-//! The seed peer is modelled as the daemon runs it: it fetches the task from the origin
-//! (a source of `origin_bps`, ranged reads `concurrency` at a time) and deals each fresh
-//! piece to one child first ([`seed`]: super-seeding with rate-following dealing).
+//! The seed peer fetches the task from the origin (a source of `origin_bps`, ranged reads
+//! `concurrency` at a time) and deals each fresh piece to one child first ([`seed`]).
 
 pub mod cost;
 pub mod flow;
@@ -27,6 +30,10 @@ use std::time::{Duration, Instant};
 /// Attempts (one per refresh interval) after which a peer without parents takes a full
 /// one or goes to the origin (the scheduler's `retryBackToSourceLimit`).
 const RETRY_BACK_TO_SOURCE_LIMIT: u32 = 4;
+
+/// Payload per frame of a full-sized TCP segment over Ethernet (MTU 1500, timestamps on):
+/// 1448 of 1514 bytes. A single curl between two emulated hosts measured 0.955 of the link.
+pub const TCP_GOODPUT: f64 = 1448.0 / 1514.0;
 
 /// One downloading host: link rates in bits per second, and when it starts.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,6 +65,9 @@ pub struct Scenario {
     pub announce_rates: bool,
     /// Fetches in flight per peer.
     pub concurrency: usize,
+    /// Share of a link's rate that carries payload (the rest is TCP/IP and Ethernet
+    /// headers); the bound is computed on the links' rates, as the benchmark's is.
+    pub goodput: f64,
     /// Kill this host (index into `hosts`) at this time: churn.
     pub kill: Option<(usize, f64)>,
     pub rng_seed: u64,
@@ -90,6 +100,7 @@ impl Scenario {
             dt: 0.01,
             announce_rates: true,
             concurrency: 16,
+            goodput: TCP_GOODPUT,
             kill: None,
             rng_seed: 1,
         }
@@ -136,6 +147,11 @@ pub struct Report {
     pub from_seed: Vec<u64>,
     pub from_peers: Vec<u64>,
     pub seed_upload: u64,
+    /// Bytes moved by fetches that ended without delivering their piece (cancelled endgame
+    /// losers, relays cut off by their flight's failure, a killed host's), and of those,
+    /// the seed's.
+    pub wasted: u64,
+    pub wasted_seed: u64,
     pub schedules: u64,
     pub schedule_time: Duration,
     pub wall: Duration,
@@ -143,6 +159,14 @@ pub struct Report {
 }
 
 impl Report {
+    fn waste(&mut self, f: &Fetching, seed: usize) {
+        let moved = (f.bytes as f64 - f.left.max(0.0)).max(0.0) as u64;
+        self.wasted += moved;
+        if f.from == seed {
+            self.wasted_seed += moved;
+        }
+    }
+
     /// Completion times of the hosts that finished, sorted.
     pub fn sorted(&self) -> Vec<f64> {
         let mut v: Vec<f64> = self.finished.iter().flatten().copied().collect();
@@ -200,6 +224,8 @@ struct Fetching {
     /// this one can get no further than that one has, and fails if it fails. It is always
     /// an older fetch (lower id), so no piece is waited on in a cycle.
     follows: Option<u64>,
+    /// Its rate in the last step (bytes/s).
+    rate: f64,
 }
 
 struct Node {
@@ -247,10 +273,10 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
     let mut up = vec![0.0; n + 2];
     let mut down = vec![0.0; n + 2];
     for (i, h) in sc.hosts.iter().enumerate() {
-        up[i] = bytes_per_s(h.up_bps);
-        down[i] = bytes_per_s(h.down_bps);
+        up[i] = bytes_per_s(h.up_bps) * sc.goodput;
+        down[i] = bytes_per_s(h.down_bps) * sc.goodput;
     }
-    up[seed] = bytes_per_s(sc.seed_up_bps);
+    up[seed] = bytes_per_s(sc.seed_up_bps) * sc.goodput;
     down[seed] = bytes_per_s(sc.origin_bps);
     up[origin] = bytes_per_s(sc.origin_bps);
     down[origin] = 0.0;
@@ -281,11 +307,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
         .expect("seed registers");
     res.peer_mut(&peer_id(seed)).expect("seed").state = PeerState::BackToSource;
 
-    let picker_cfg = d7y_picker::Config {
-        concurrency: sc.concurrency,
-        piece_length: sc.piece_length,
-        ..d7y_picker::Config::default()
-    };
+    let picker_cfg = d7y_picker::Config::for_download(sc.piece_length, sc.concurrency);
     let mut nodes: Vec<Node> = (0..=n)
         .map(|_| Node {
             picker: Picker::new(count, picker_cfg.clone()),
@@ -317,6 +339,10 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
     };
     // SWARMSIM_TRACE=1: link use, fetches and parents every half second, on stderr.
     let trace = std::env::var_os("SWARMSIM_TRACE").is_some();
+    // SWARMSIM_DUMP=T: every host's parents and fetches (piece<from@Mbit, ~ relayed) at T.
+    let dump_at: Option<f64> = std::env::var("SWARMSIM_DUMP")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let mut fetches: Vec<Fetching> = Vec::new();
     let mut next_id = 0u64;
     let mut flows: Vec<Flow> = Vec::new();
@@ -337,6 +363,9 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                     nodes[c].dirty = true;
                 }
                 fetches.retain(|f| {
+                    if f.from == victim || f.to == victim {
+                        report.waste(f, seed);
+                    }
                     if f.from == victim {
                         nodes[f.to].picker.failed(f.piece, f.source);
                         nodes[f.to].dirty = true;
@@ -364,7 +393,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                 res.announce_host(host_proto(i, false, h.up_bps, h.down_bps));
                 res.register_peer(&format!("h{i}"), TASK, &peer_id(i), &download)
                     .expect("peer registers");
-                res.peer_mut(&peer_id(i)).expect("peer").state = PeerState::Running;
+                // Received until its first parents arrive (the daemon then says it started).
             }
             let every = if node.parents.is_empty() {
                 sc.refresh
@@ -400,6 +429,11 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
             }
             node.failures = 0;
             node.dirty = true;
+            if let Ok(p) = res.peer_mut(&peer_id(i)) {
+                if p.state == PeerState::Received {
+                    p.state = PeerState::Running;
+                }
+            }
             let wanted: BTreeSet<usize> = scheduled
                 .parents
                 .iter()
@@ -505,6 +539,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                     started: t,
                     id: next_id,
                     follows,
+                    rate: 0.0,
                 });
                 if i < n {
                     started_now.push((i, piece));
@@ -522,12 +557,36 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
             }
         }
         // Rates and progress.
+        // A relayed read that caught up with the flight it follows goes at that flight's
+        // pace (plus what closes the gap within the step): the link share it cannot use
+        // goes to other flows.
+        let followed: HashMap<u64, (f64, f64)> = if fetches.iter().any(|f| f.follows.is_some()) {
+            let wanted: HashSet<u64> = fetches.iter().filter_map(|f| f.follows).collect();
+            fetches
+                .iter()
+                .filter(|f| wanted.contains(&f.id))
+                .map(|f| (f.id, (f.left, f.rate)))
+                .collect()
+        } else {
+            HashMap::new()
+        };
         flows.clear();
-        flows.extend(fetches.iter().map(|f| Flow {
-            from: f.from,
-            to: f.to,
+        flows.extend(fetches.iter().map(|f| {
+            Flow {
+                from: f.from,
+                to: f.to,
+                cap: f
+                    .follows
+                    .and_then(|up| followed.get(&up))
+                    .map_or(f64::INFINITY, |(up_left, up_rate)| {
+                        up_rate + (f.left - up_left).max(0.0) / sc.dt
+                    }),
+            }
         }));
         flow::allocate(&up, &down, &flows, &mut rates);
+        for (f, r) in fetches.iter_mut().zip(&rates) {
+            f.rate = *r;
+        }
         if trace && (t / 0.5).fract() < sc.dt / 0.5 {
             let mut used_up = vec![0.0; n + 2];
             let mut used_down = vec![0.0; n + 2];
@@ -554,6 +613,37 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                 "t={t:6.2} peers_up={peers_up:.2} seed_up={:.2} down={down_util:.2} active={active} fetches={inflight} parents={parents:.1} orphans={orphans} seed_children={seed_kids} offers={offers_len}",
                 used_up[seed] / up[seed]
             );
+        }
+        if let Some(at) = dump_at {
+            if (t - at).abs() < sc.dt / 2.0 {
+                for (i, node) in nodes.iter().enumerate() {
+                    let fs: Vec<String> = fetches
+                        .iter()
+                        .zip(&rates)
+                        .filter(|(f, _)| f.to == i)
+                        .map(|(f, r)| {
+                            format!(
+                                "{}<{}@{:.0}{}",
+                                f.piece,
+                                if f.from == origin {
+                                    "O".to_string()
+                                } else {
+                                    f.from.to_string()
+                                },
+                                r * 8.0 / 1e6,
+                                if f.follows.is_some() { "~" } else { "" }
+                            )
+                        })
+                        .collect();
+                    let ps: Vec<String> = node.parents.keys().map(|k| k.to_string()).collect();
+                    eprintln!(
+                        "DUMP {i} held={} parents=[{}] fetch=[{}]",
+                        node.picker.piece_count() - node.picker.remaining(),
+                        ps.join(","),
+                        fs.join(" ")
+                    );
+                }
+            }
         }
         t += sc.dt;
         let mut any_done = false;
@@ -590,6 +680,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
             }
             for k in broken.into_iter().rev() {
                 let f = fetches.swap_remove(k);
+                report.waste(&f, seed);
                 nodes[f.to].ended(&f);
                 nodes[f.to].picker.failed(f.piece, f.source);
                 nodes[f.to].dirty = true;
@@ -672,6 +763,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                 fetches.retain(|g| {
                     let keep = !cancelled.contains(&(g.to, g.piece));
                     if !keep {
+                        report.waste(g, seed);
                         nodes[g.to].ended(g);
                     }
                     keep

@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release -p d7y-swarmsim -- [--peers 4,8,16] [--size-mib 256] [--rate-mbit 200]
 //!     [--shape equal|half|quarter] [--late 0.33] [--kill] [--dt 0.01] [--refresh 0.5] [--refresh-max 4]
-//!     [--no-rates] [--seed 1] [--max-children 8] [--candidate-parents 8]
+//!     [--no-rates] [--seed 1] [--max-children 8] [--candidate-parents 8] [--goodput 0.956]
 //! cargo run --release -p d7y-swarmsim -- --scheduler-cost --peers 1000,10000,100000
 //!     [--tasks 1,10000] [--pieces 256]
 //! ```
@@ -106,6 +106,7 @@ fn main() {
         sc.refresh_max = num("--refresh-max", 4.0).max(sc.refresh);
         sc.announce_rates = !flag("--no-rates");
         sc.rng_seed = num("--seed", 1.0) as u64;
+        sc.goodput = num("--goodput", sc.goodput);
         sc.limits.max_children = num("--max-children", sc.limits.max_children as f64) as u32;
         sc.limits.candidate_parents =
             num("--candidate-parents", sc.limits.candidate_parents as f64) as usize;
@@ -174,6 +175,11 @@ fn main() {
             r.schedules,
             r.schedule_time.as_secs_f64() * 1e6 / r.schedules.max(1) as f64,
             r.wall.as_secs_f64(),
+        );
+        println!(
+            "<!-- wasted: {:.3} F moved by fetches that delivered nothing, {:.3} F of it from the seed -->",
+            r.wasted as f64 / f,
+            r.wasted_seed as f64 / f
         );
         if n <= 16 {
             let times: Vec<String> = r.sorted().iter().map(|t| format!("{t:.2}")).collect();

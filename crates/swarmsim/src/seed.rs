@@ -1,36 +1,19 @@
-//! The seed peer's super-seeding, as `dfdaemon::superseed` runs it, in simulated time:
-//! a fresh piece is dealt to the first child told of it that has fewer than
-//! [`DEAL_AHEAD`] dealt pieces it has not fetched yet, and offered to the others only
-//! [`RELAY_GRACE`] after the seed first served it, or [`MAX_DEFER`] after it arrived.
-//! Held-back offers are re-checked every [`RECHECK`] (the daemon's SyncPieces loop does).
-//! Once every piece has been dealt or served, nothing distinct is left for the seed's
-//! upload, and nothing is held back.
+//! The seed peer's super-seeding in simulated time: the daemon's own rules
+//! ([`d7y_picker::deal::Dealer`]) and its loop around them: pieces held back from a child
+//! are looked at again every [`RECHECK`] (the daemon's SyncPieces loop does), and a piece's
+//! age counts from its arrival at the seed.
 
-use std::collections::{BTreeMap, HashMap};
-
-/// The daemon's waits (`dfdaemon::superseed`).
-pub const RELAY_GRACE: f64 = 12.0;
-pub const MAX_DEFER: f64 = 30.0;
-pub const DEAL_AHEAD: u32 = 2;
-/// How often the daemon re-checks pieces it holds back from a child (s).
-pub const RECHECK: f64 = 0.2;
+use d7y_picker::deal::Dealer;
+pub use d7y_picker::deal::{DEAL_AHEAD, MAX_DEFER, RECHECK, RELAY_GRACE};
+use std::collections::HashMap;
 
 #[derive(Default)]
 pub struct SuperSeed {
     /// The task's pieces.
     pub piece_count: u32,
-    /// Children syncing with the seed, in arrival order.
-    pub children: Vec<usize>,
-    /// Piece -> the child it was dealt to.
-    dealt: BTreeMap<u32, usize>,
-    /// Child -> pieces dealt to it and not fetched yet.
-    outstanding: HashMap<usize, u32>,
-    /// Piece -> when the seed first served it.
-    served: HashMap<u32, f64>,
+    dealer: Dealer<usize>,
     /// Piece -> when it arrived at the seed.
     arrived: HashMap<u32, f64>,
-    /// Distinct pieces dealt or served (not lowered when a child leaves, as in the daemon).
-    claimed: u32,
     /// Offers held back: (when to look again, child, piece).
     pub pending: Vec<(f64, usize, u32)>,
 }
@@ -43,22 +26,18 @@ impl SuperSeed {
         }
     }
 
+    /// `child` syncs with the seed (a simulated child has one stream: joining twice is
+    /// joining once).
     pub fn join(&mut self, child: usize) {
-        if !self.children.contains(&child) {
-            self.children.push(child);
+        if !self.dealer.contains(&child) {
+            self.dealer.join(child);
         }
     }
 
-    /// `child` stops syncing with the seed: the pieces dealt to it are offered to the other
-    /// children now.
-    pub fn leave(&mut self, child: usize, t: f64) {
-        self.children.retain(|c| *c != child);
-        self.outstanding.remove(&child);
-        for (piece, _) in self.dealt.iter().filter(|(_, o)| **o == child) {
-            self.pending
-                .extend(self.children.iter().map(|c| (t, *c, *piece)));
-        }
-        self.dealt.retain(|_, o| *o != child);
+    /// `child` stops syncing with the seed: the pieces dealt to it are everyone's (the
+    /// others' held-back offers of them are looked at again within [`RECHECK`]).
+    pub fn leave(&mut self, child: usize, _t: f64) {
+        self.dealer.leave(&child);
     }
 
     pub fn arrived(&mut self, piece: u32, t: f64) {
@@ -67,66 +46,19 @@ impl SuperSeed {
 
     /// A child started fetching `piece` from the seed.
     pub fn served(&mut self, piece: u32, t: f64) {
-        if self.served.contains_key(&piece) {
-            return;
-        }
-        self.served.insert(piece, t);
-        match self.dealt.get(&piece) {
-            Some(owner) => {
-                if let Some(n) = self.outstanding.get_mut(owner) {
-                    *n = n.saturating_sub(1);
-                }
-            }
-            None => self.claimed += 1,
-        }
-        let at = t + RELAY_GRACE;
-        self.pending
-            .extend(self.children.iter().map(|c| (at, *c, piece)));
-    }
-
-    /// When the seed may tell `child` of `piece` (None: now); dealing it to `child` when
-    /// it is free and the child may take more.
-    pub fn release(&mut self, child: usize, piece: u32, t: f64) -> Option<f64> {
-        let age = t - self.arrived.get(&piece).copied().unwrap_or(t);
-        let all_out = self.claimed >= self.piece_count;
-        if all_out
-            || age >= MAX_DEFER
-            || self.children.len() <= 1
-            || !self.children.contains(&child)
-        {
-            return None;
-        }
-        let cap = t + (MAX_DEFER - age);
-        match self.dealt.get(&piece) {
-            Some(owner) if *owner == child => return None,
-            Some(_) => {}
-            None if self.served.contains_key(&piece) => return None,
-            None => {
-                let mine = self.outstanding.entry(child).or_default();
-                if *mine < DEAL_AHEAD {
-                    *mine += 1;
-                    self.dealt.insert(piece, child);
-                    self.claimed += 1;
-                    return None;
-                }
-                return Some((t + RECHECK).min(cap));
-            }
-        }
-        match self.served.get(&piece) {
-            Some(first) => {
-                let at = first + RELAY_GRACE;
-                (at > t).then_some(at.min(cap))
-            }
-            None => Some(cap), // its owner has not fetched it; `served` re-offers it
-        }
+        self.dealer.served(piece, t);
     }
 
     /// Tells `child` of `piece` now or later; true when now.
     pub fn offer(&mut self, child: usize, piece: u32, t: f64) -> bool {
-        match self.release(child, piece, t) {
+        let age = t - self.arrived.get(&piece).copied().unwrap_or(t);
+        match self
+            .dealer
+            .release(&child, piece, age, Some(self.piece_count), t)
+        {
             None => true,
             Some(at) => {
-                self.pending.push((at, child, piece));
+                self.pending.push((at.min(t + RECHECK), child, piece));
                 false
             }
         }
@@ -152,9 +84,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_slow_child_is_dealt_only_what_it_fetches() {
+    fn held_back_offers_are_looked_at_again_every_recheck() {
         let mut s = SuperSeed::new(16);
         s.join(0);
+        s.join(1);
         s.join(1);
         for p in 0..8 {
             s.arrived(p, 0.0);
@@ -164,6 +97,7 @@ mod tests {
             .filter(|(c, p)| s.offer(*c, *p, 0.0))
             .collect();
         assert_eq!(now, [(0, 0), (0, 1), (1, 2), (1, 3)]);
+        assert!(s.pending.iter().all(|(at, _, _)| *at <= RECHECK));
         // Child 1 fetches both; child 0 neither: at the next look child 1 takes 4 and 5.
         s.served(2, 0.1);
         s.served(3, 0.1);
@@ -173,12 +107,13 @@ mod tests {
             .filter(|(c, p)| s.offer(*c, *p, RECHECK))
             .collect();
         assert_eq!(later, [(1, 4), (1, 5)]);
-        // Others are told of a served piece after the relay grace, or of any at the cap.
-        assert_eq!(s.release(0, 2, 0.1 + RELAY_GRACE), None);
-        assert_eq!(s.release(1, 0, MAX_DEFER), None);
-        // A child that leaves gives its pieces to the others at once.
+        // A child that leaves frees its pieces: the other is told at its next look.
         s.leave(0, 1.0);
-        let given: Vec<(usize, u32)> = s.due(1.0).into_iter().filter(|(c, _)| *c == 1).collect();
+        let given: Vec<(usize, u32)> = s
+            .due(1.0)
+            .into_iter()
+            .filter(|(c, p)| *c == 1 && s.offer(*c, *p, 1.0))
+            .collect();
         assert!(
             given.contains(&(1, 0)) && given.contains(&(1, 1)),
             "{given:?}"
