@@ -509,3 +509,53 @@ fn a_parent_that_stops_answering_is_replaced() {
         swarm.logs()
     );
 }
+
+#[test]
+fn the_endgame_takes_the_last_pieces_from_a_faster_parent() {
+    let _serial = serial();
+    // peer0 uploads at 1 MiB/s, peer1 as fast as loopback goes.
+    let swarm = Swarm::start_custom(3, |i| d7y_testkit::DaemonOptions {
+        upload_yaml: if i == 0 {
+            "  bandwidthLimit: 1048576\n".into()
+        } else {
+            String::new()
+        },
+        ip: Some(format!("127.0.0.{}", 10 + i)),
+        ..Default::default()
+    });
+    let size = 32 * MIB;
+    let data = random(size);
+    let url = swarm.origin.put("endgame.bin", data.clone());
+    for i in 0..2 {
+        let out = swarm.peers[i].dfget_output(&url, &swarm.output(i), &[]);
+        assert!(out.status.success(), "{}", swarm.logs());
+    }
+    // Only peer0 and peer1 hold it now: peer2 takes pieces from both, and the ones it
+    // started at the slow peer0 are the last in flight.
+    let task_id = only_task_id(&swarm.peers[0]);
+    delete_local_task(&swarm.seed, &task_id);
+    let started = Instant::now();
+    let out = swarm.peers[2].dfget_output(&url, &swarm.output(2), &[]);
+    let took = started.elapsed();
+    assert!(out.status.success(), "{}", swarm.logs());
+    assert!(same_file(&swarm.output(2), &data), "{}", swarm.logs());
+    let log = swarm.peers[2].log();
+    assert!(
+        log.contains("endgame: a second copy won; the writing fetch takes the rest from it"),
+        "no endgame copy won, so the test proved nothing\n{}",
+        swarm.logs()
+    );
+    // Without the endgame, the pieces at peer0 alone would take 4 s each.
+    assert!(
+        took < Duration::from_secs(6),
+        "took {took:?}\n{}",
+        swarm.logs()
+    );
+    // Every piece is recorded once, and the file holds exactly the recorded copies.
+    let by_parent = bytes_by_parent(&swarm.peers[2]);
+    assert_eq!(
+        by_parent.iter().map(|(_, b)| b).sum::<u64>(),
+        size as u64,
+        "{by_parent:?}"
+    );
+}
