@@ -406,11 +406,13 @@ fn an_interrupted_object_download_resumes_with_the_missing_ranges_only() {
     let data = content(32 * MIB, 12);
     s3.put_objects("bucket", &[("big.bin".to_string(), data.clone())])
         .unwrap();
-    // Slow enough to be killed early: 2 MiB/s from the origin (the limit is lifted for the
-    // second run).
+    // Slow enough to be killed early: 2 MiB/s from the origin, one piece at a time, so
+    // pieces are stored every 2 s (with the default eight fetches sharing the limit, all
+    // eight pieces of the object would land together at the end). The limit is lifted for
+    // the second run.
     let mut daemon = Daemon::start_with(
         &tmp.path().join("peer"),
-        "  backToSourceBandwidthLimit: 2MiB\n",
+        "  backToSourceBandwidthLimit: 2MiB\n  backToSourceConcurrentPieceCount: 1\n",
         "",
     )
     .unwrap();
