@@ -6,8 +6,9 @@
 //! but this scheduler does not use (database, job, ...) are accepted and ignored so an
 //! upstream file still loads.
 //! Extensions: `scheduler.candidateParentLimit` and `scheduler.filterParentLimit` (upstream
-//! reads them from the manager's cluster config), `scheduler.maxChildrenPerParent`, and
-//! `seedPeers` (the static seed-peer list used until a manager provides it).
+//! reads them from the manager's cluster config), `scheduler.maxChildrenPerParent`,
+//! `scheduler.parentsPerChild`, and `seedPeers` (the static seed-peer list used until a
+//! manager provides it).
 
 use crate::{load_yaml, parse_inline, ConfigError};
 use serde::{Deserialize, Serialize};
@@ -102,6 +103,9 @@ impl Config {
         }
         if s.max_children_per_parent == 0 {
             return invalid("scheduler.maxChildrenPerParent", "must be at least 1");
+        }
+        if !(1..=20).contains(&s.parents_per_child) {
+            return invalid("scheduler.parentsPerChild", "must be between 1 and 20");
         }
         for (key, value) in [
             ("scheduler.gc.peerGCInterval", s.gc.peer_gc_interval),
@@ -199,6 +203,17 @@ pub struct Scheduling {
     /// full parent. 1 makes a chain, the fastest layout when every host has the same link
     /// rate (BENCHMARKS.md, issue 4).
     pub max_children_per_parent: u32,
+    /// Extension: how many parents of the child's own link rate fill its download. A child
+    /// is given parents until their shares cover its download rate (at most
+    /// candidateParentLimit; a parent is asked for 1/parentsPerChild of it at most), and a
+    /// parent takes children while their asks (1/parentsPerChild of each one's download
+    /// rate) fit in its upload (at most maxChildrenPerParent). Rates come from the hosts' announced bandwidth limits;
+    /// unknown or equal rates give every child parentsPerChild parents and every parent
+    /// parentsPerChild children. Fewer flows per link keep TCP's sharing fair (on emulated
+    /// hosts 4 beat 8 at 16 peers, 1.17 against 1.25 × the bound), and pieces relayed as
+    /// they arrive cost a hop little; 4 keeps a seed's child taking 3/4 of its bytes from
+    /// other peers (2 gives half) (BENCHMARKS.md, issue 13).
+    pub parents_per_child: u32,
     /// Extension: the largest task (content length) a registration may announce; bounds
     /// the piece count, and so the memory, of every task.
     pub max_content_length: bytesize::ByteSize,
@@ -222,6 +237,7 @@ impl Default for Scheduling {
             candidate_parent_limit: 8,
             filter_parent_limit: 40,
             max_children_per_parent: 8,
+            parents_per_child: 4,
             max_content_length: bytesize::ByteSize::tib(10),
             verify_host_ip: true,
             gc: SchedulerGc::default(),
@@ -427,6 +443,7 @@ mod tests {
                 "candidateParentLimit",
             ),
             ("scheduler:\n  retryLimit: 0\n", "retryLimit"),
+            ("scheduler:\n  parentsPerChild: 0\n", "parentsPerChild"),
             ("scheduler:\n  gc:\n    peerTTL: 0s\n", "peerTTL"),
             ("seedPeers:\n  - port: 1\n", "seedPeers"),
             ("schedulr: {}\n", "schedulr"),

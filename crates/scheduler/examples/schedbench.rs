@@ -93,6 +93,7 @@ fn model_run(name: &str, tasks: usize, peers: usize) -> Stats {
         candidate_parents: 5,
         filter_parents: 40,
         max_children: 8,
+        parents_per_child: 4,
     };
     let before = rss_bytes();
     let mut res = Resources::default();

@@ -388,9 +388,24 @@ pub const STICKY_BONUS: f64 = 0.1;
 /// Scheduling limits, from the config.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
+    /// Most parents of one child (a ceiling: [`Limits::parents_per_child`] of the child's
+    /// rate fill it).
     pub candidate_parents: usize,
     pub filter_parents: usize,
+    /// Most children of one parent (a ceiling: its upload rate sets its cap).
     pub max_children: u32,
+    /// How many parents of the child's own rate fill its download: a parent is asked for
+    /// this share of it at most, and gets as many children as its upload covers at that
+    /// share.
+    pub parents_per_child: usize,
+}
+
+impl Limits {
+    /// Parents of the child's rate that fill it, within the parent ceiling.
+    fn fill(&self) -> usize {
+        self.parents_per_child
+            .clamp(1, self.candidate_parents.max(1))
+    }
 }
 
 /// The result of scheduling one child.
@@ -726,6 +741,15 @@ impl Resources {
         false
     }
 
+    /// The download rate a peer's host announced (0: unknown).
+    fn rx_bps_of(&self, peer_id: &str) -> u64 {
+        self.peers
+            .get(peer_id)
+            .and_then(|p| self.hosts.get(&p.host_id))
+            .and_then(|h| h.proto.network.as_ref())
+            .map_or(0, |n| n.max_rx_bandwidth)
+    }
+
     /// Normal peers of a task that hold at least one piece (a warm swarm has two or more).
     fn warm_holders(&self, sampled: &[String]) -> u32 {
         sampled
@@ -766,10 +790,17 @@ impl Resources {
                 useful_pieces: parent.pieces.count_missing_from(&child.pieces),
                 child_missing: missing,
                 children: parent.children.len() as u32,
-                max_children: scheduling::children_cap(
+                // Counted without the child itself (its own edge is about to be replaced;
+                // the caller takes it off `children`).
+                max_children: scheduling::children_cap_by_load(
                     network.max_tx_bandwidth,
                     child_rx_bps,
-                    limits.candidate_parents,
+                    parent
+                        .children
+                        .iter()
+                        .filter(|c| **c != child.id)
+                        .map(|c| self.rx_bps_of(c)),
+                    limits.fill(),
                     limits.max_children,
                 ),
                 max_tx_bps: network.max_tx_bandwidth,
@@ -884,8 +915,9 @@ impl Resources {
         let mut chosen = Vec::new();
         let mut below = 0usize; // candidates with nothing now that feed only through the child
         let mut reach: Option<Reach> = None; // the child's descendants, when needed
+        let mut covered = 0.0; // the share of the child's download the chosen parents cover
         for (candidate, _) in ranked {
-            if chosen.len() >= limits.candidate_parents {
+            if chosen.len() >= limits.candidate_parents || covered >= 1.0 - 1e-9 {
                 break;
             }
             if candidate.is_full() && !chosen.is_empty() {
@@ -913,6 +945,12 @@ impl Resources {
                 below += 1;
                 continue;
             }
+            covered += scheduling::share_of_child(
+                candidate.stats.max_tx_bps,
+                candidate.stats.max_children,
+                child_rx_bps,
+                limits.fill(),
+            );
             self.add_edge(&id, child_id);
             chosen.push(id);
         }
@@ -1067,6 +1105,7 @@ mod tests {
             candidate_parents: 4,
             filter_parents: 40,
             max_children: 8,
+            parents_per_child: 4,
         }
     }
 
@@ -1180,6 +1219,7 @@ mod tests {
             candidate_parents: 4,
             filter_parents: 10,
             max_children: 50,
+            parents_per_child: 4,
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         let first = r.schedule("p0", &limits, &mut rng).unwrap().parents;
@@ -1272,6 +1312,62 @@ mod tests {
         r.check_invariants().unwrap();
         assert!(!r.has_available_peer("nope", ""));
         assert_eq!(r.back_to_source_count("nope"), 0);
+    }
+
+    #[test]
+    fn parents_fill_the_childs_download_rate() {
+        // Every host announces its rates: p0..p3 hold everything at 100 Mbit/s, p4 holds
+        // everything at 25 Mbit/s, the child p5 downloads at 100 Mbit/s.
+        const M: u64 = 1_000_000;
+        let mut r = swarm(6, 8);
+        let rates = |id: &str, bps: u64| common::Host {
+            network: Some(common::Network {
+                max_tx_bandwidth: bps,
+                max_rx_bandwidth: bps,
+                ..Default::default()
+            }),
+            ..host(id, id == "seed-host")
+        };
+        r.announce_host(rates("seed-host", 100 * M));
+        for i in 0..6 {
+            r.announce_host(rates(
+                &format!("h{i}"),
+                if i == 4 { 25 * M } else { 100 * M },
+            ));
+        }
+        for i in 0..5 {
+            let p = r.peer_mut(&format!("p{i}")).unwrap();
+            p.state = PeerState::Succeeded;
+            for n in 0..8 {
+                p.pieces.insert(n);
+            }
+        }
+        let limits = Limits {
+            candidate_parents: 8,
+            filter_parents: 40,
+            max_children: 8,
+            parents_per_child: 2,
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let mut with_slow = 0;
+        for _ in 0..32 {
+            r.clear_parents("p5");
+            let got = r.schedule("p5", &limits, &mut rng).unwrap().parents;
+            // Two parents at the child's rate fill it; the slow one covers a quarter of it,
+            // so with it the child needs a third.
+            let slow = got.contains(&"p4".to_string());
+            with_slow += slow as u32;
+            assert_eq!(got.len(), if slow { 3 } else { 2 }, "{got:?}");
+            r.check_invariants().unwrap();
+        }
+        assert!(with_slow > 0, "the slow parent was never drawn");
+        // Unknown rates: parentsPerChild parents.
+        let mut r = swarm(6, 8);
+        for i in 0..5 {
+            r.peer_mut(&format!("p{i}")).unwrap().pieces.insert(0);
+        }
+        let got = r.schedule("p5", &limits, &mut rng).unwrap().parents;
+        assert_eq!(got.len(), 2, "{got:?}");
     }
 
     #[test]

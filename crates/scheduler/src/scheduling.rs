@@ -125,22 +125,71 @@ pub fn filter(child: &Child<'_>, candidate: &Candidate) -> Result<(), Rejection>
 }
 
 /// How many children a parent serves at once: as many as its upload covers at the share a
-/// child asks of each parent (the child's download rate spread over the `candidate_parents`
-/// it is given), at least one, and never more than the configured `ceiling`. Rates of 0
-/// are unknown: the ceiling. Equal links give the ceiling when it equals the parent count;
-/// a parent with half the upload takes half the children; a fat seed, up to the ceiling.
-pub fn children_cap(
+/// child asks of each parent (the child's download rate over the `fill` parents that fill
+/// it), at least one, and never more than the configured `ceiling`. Rates of 0 are
+/// unknown: `fill` children, as if every link were equal. Equal links give `fill`
+/// children; a parent with half the upload takes half as many (at least one); a fat seed,
+/// up to the ceiling.
+pub fn children_cap(parent_tx_bps: u64, child_rx_bps: u64, fill: usize, ceiling: u32) -> u32 {
+    let ceiling = ceiling.max(1);
+    if parent_tx_bps == 0 || child_rx_bps == 0 {
+        return (fill.max(1) as u32).min(ceiling);
+    }
+    let share = (child_rx_bps as f64 / fill.max(1) as f64).max(1.0);
+    let cap = (parent_tx_bps as f64 / share).round();
+    (cap.min(ceiling as f64) as u32).clamp(1, ceiling)
+}
+
+/// [`children_cap`] by the rates of the children a parent already has: each child asks of a
+/// parent 1/`fill` of its own download rate, so a parent takes this child while its
+/// children's asks and this child's fit in its upload. A cap counted for the child at hand
+/// alone would let a fast parent fill up with slow children and then turn fast ones away
+/// (its count reached at their larger ask), holding fast hosts to slow ones' pace.
+/// `children_rx_bps` are the download rates of the parent's other children (0: unknown,
+/// counted as this child's). Returns the count the parent may reach with this child: at
+/// least one when it has no child, never more than `ceiling`.
+pub fn children_cap_by_load(
     parent_tx_bps: u64,
     child_rx_bps: u64,
-    candidate_parents: usize,
+    children_rx_bps: impl IntoIterator<Item = u64>,
+    fill: usize,
     ceiling: u32,
 ) -> u32 {
     if parent_tx_bps == 0 || child_rx_bps == 0 {
-        return ceiling;
+        return children_cap(parent_tx_bps, child_rx_bps, fill, ceiling);
     }
-    let share = (child_rx_bps as f64 / candidate_parents.max(1) as f64).max(1.0);
-    let cap = (parent_tx_bps as f64 / share).round();
-    (cap.min(ceiling as f64) as u32).clamp(1.min(ceiling), ceiling.max(1))
+    let fill = fill.max(1) as f64;
+    let ask = |rx: u64| (if rx == 0 { child_rx_bps } else { rx }) as f64 / fill;
+    let (mut count, mut load) = (0u32, 0.0);
+    for rx in children_rx_bps {
+        count += 1;
+        load += ask(rx);
+    }
+    // The child's ask fits when at most half of it is over (the rounding of children_cap).
+    let room = (parent_tx_bps as f64 - load) / ask(child_rx_bps);
+    let more = if room >= 0.5 {
+        room.round().max(1.0) as u32
+    } else {
+        0
+    };
+    (count + more).clamp(1, ceiling.max(1))
+}
+
+/// The share of a child's download one parent covers: its upload split over its
+/// `children_cap` children, but never more than 1/`fill` of the child's rate (so `fill`
+/// parents at least, even under a fat seed). Unknown rates: 1/`fill`.
+pub fn share_of_child(
+    parent_tx_bps: u64,
+    children_cap: u32,
+    child_rx_bps: u64,
+    fill: usize,
+) -> f64 {
+    let most = 1.0 / fill.max(1) as f64;
+    if parent_tx_bps == 0 || child_rx_bps == 0 {
+        return most;
+    }
+    let per_child = parent_tx_bps as f64 / children_cap.max(1) as f64;
+    (per_child / child_rx_bps as f64).min(most)
 }
 
 /// Rejected candidates by reason (full ones included even when `allow_full` kept them).
@@ -270,31 +319,86 @@ mod tests {
     #[test]
     fn children_cap_follows_the_upload_rate() {
         const M: u64 = 1_000_000;
-        for (parent_tx, child_rx, parents, ceiling, want) in [
-            // Unknown rates: the ceiling.
-            (0, 100 * M, 8, 8, 8),
-            (100 * M, 0, 8, 8, 8),
-            // Equal links, eight parents each: eight children each.
+        for (parent_tx, child_rx, fill, ceiling, want) in [
+            // Unknown rates: as if equal, `fill` children.
+            (0, 100 * M, 2, 8, 2),
+            (100 * M, 0, 2, 8, 2),
+            (0, 0, 16, 8, 8),
+            // Equal links: `fill` children each.
+            (100 * M, 100 * M, 2, 8, 2),
             (100 * M, 100 * M, 8, 8, 8),
             (100 * M, 100 * M, 8, 16, 8),
-            // Half the upload, half the children; a quarter, a quarter.
+            // Half the upload, half the children; a quarter, a quarter (at least one).
             (50 * M, 100 * M, 8, 8, 4),
             (25 * M, 100 * M, 8, 8, 2),
+            (25 * M, 100 * M, 2, 8, 1),
             // A trickle still serves one.
             (M, 100 * M, 8, 8, 1),
             // A fat seed: up to the ceiling only.
-            (10_000 * M, 100 * M, 8, 8, 8),
+            (10_000 * M, 100 * M, 2, 8, 8),
             (10_000 * M, 100 * M, 8, 64, 64),
             // A slow child asks little of each parent.
             (100 * M, 25 * M, 8, 64, 32),
             // Degenerate settings do not panic.
             (100 * M, 100 * M, 0, 8, 1),
-            (100 * M, 100 * M, 8, 0, 0),
+            (100 * M, 100 * M, 8, 0, 1),
         ] {
             assert_eq!(
-                children_cap(parent_tx, child_rx, parents, ceiling),
+                children_cap(parent_tx, child_rx, fill, ceiling),
                 want,
-                "{parent_tx} {child_rx} {parents} {ceiling}"
+                "{parent_tx} {child_rx} {fill} {ceiling}"
+            );
+        }
+    }
+
+    #[test]
+    fn children_cap_counts_the_asks_of_the_children_a_parent_has() {
+        const M: u64 = 1_000_000;
+        for (parent_tx, child_rx, children, fill, ceiling, want) in [
+            // No child yet: as children_cap.
+            (200 * M, 200 * M, vec![], 4, 8, 4),
+            (0, 200 * M, vec![], 4, 8, 4),
+            // Equal links: four children of the parent's rate fill it.
+            (200 * M, 200 * M, vec![200 * M; 3], 4, 8, 4),
+            (200 * M, 200 * M, vec![200 * M; 4], 4, 8, 4),
+            // Four slow children ask for half the upload: a fast child still fits, twice.
+            (200 * M, 200 * M, vec![100 * M; 4], 4, 8, 6),
+            // Eight slow children fill it: a fast child is turned away (the count reached).
+            (200 * M, 200 * M, vec![100 * M; 8], 4, 16, 8),
+            // Unknown rates of the children count as the child's.
+            (200 * M, 200 * M, vec![0; 2], 4, 8, 4),
+            // The ceiling bounds it.
+            (10_000 * M, 200 * M, vec![200 * M; 2], 4, 8, 8),
+            // A slow parent with one child still serves another when half of its ask fits.
+            (100 * M, 200 * M, vec![200 * M], 4, 8, 2),
+            (25 * M, 200 * M, vec![], 4, 8, 1),
+        ] {
+            assert_eq!(
+                children_cap_by_load(parent_tx, child_rx, children.clone(), fill, ceiling),
+                want,
+                "{parent_tx} {child_rx} {children:?} {fill} {ceiling}"
+            );
+        }
+    }
+
+    #[test]
+    fn shares_fill_a_child_with_few_parents() {
+        const M: u64 = 1_000_000;
+        for (parent_tx, cap, child_rx, fill, want) in [
+            // Equal links, two to fill: half each.
+            (100 * M, 2, 100 * M, 2, 0.5),
+            // A parent at a quarter of the rate, alone with its child: a quarter.
+            (25 * M, 1, 100 * M, 2, 0.25),
+            // A fat seed covers no more than its part: the child still gets `fill`.
+            (10_000 * M, 8, 100 * M, 2, 0.5),
+            // Unknown rates: 1/fill.
+            (0, 2, 100 * M, 4, 0.25),
+            (100 * M, 2, 0, 2, 0.5),
+        ] {
+            let got = share_of_child(parent_tx, cap, child_rx, fill);
+            assert!(
+                (got - want).abs() < 1e-9,
+                "{parent_tx} {cap} {child_rx} {fill}: {got}"
             );
         }
     }

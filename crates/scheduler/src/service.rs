@@ -181,6 +181,7 @@ impl Service {
             candidate_parents: s.candidate_parent_limit as usize,
             filter_parents: s.filter_parent_limit as usize,
             max_children: s.max_children_per_parent,
+            parents_per_child: s.parents_per_child as usize,
         };
         let dynamic = Dynamic {
             limits,
@@ -237,6 +238,7 @@ impl Service {
             candidate_parents: candidate as usize,
             filter_parents: filter as usize,
             max_children: defaults.max_children_per_parent,
+            parents_per_child: defaults.parents_per_child as usize,
         };
         let seeds_changed = d.seed_peers != cluster.seed_peers;
         let changed = seeds_changed || d.limits != limits;

@@ -36,6 +36,7 @@ pub fn measure(
         candidate_parents: 8,
         filter_parents: 40,
         max_children: 8,
+        parents_per_child: 4,
     };
     let task_id = |t: usize| format!("{t:064x}");
     let download = common::Download {

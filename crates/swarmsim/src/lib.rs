@@ -94,6 +94,7 @@ impl Scenario {
                 candidate_parents: 8,
                 filter_parents: 40,
                 max_children: 8,
+                parents_per_child: 4,
             },
             refresh: 0.5,
             refresh_max: 4.0,

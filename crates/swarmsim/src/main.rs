@@ -3,7 +3,8 @@
 //! ```text
 //! cargo run --release -p d7y-swarmsim -- [--peers 4,8,16] [--size-mib 256] [--rate-mbit 200]
 //!     [--shape equal|half|quarter] [--late 0.33] [--kill] [--dt 0.01] [--refresh 0.5] [--refresh-max 4]
-//!     [--no-rates] [--seed 1] [--max-children 8] [--candidate-parents 8] [--goodput 0.956]
+//!     [--no-rates] [--seed 1] [--max-children 8] [--candidate-parents 8]
+//!     [--parents-per-child 4] [--goodput 0.956]
 //! cargo run --release -p d7y-swarmsim -- --scheduler-cost --peers 1000,10000,100000
 //!     [--tasks 1,10000] [--pieces 256]
 //! ```
@@ -110,6 +111,8 @@ fn main() {
         sc.limits.max_children = num("--max-children", sc.limits.max_children as f64) as u32;
         sc.limits.candidate_parents =
             num("--candidate-parents", sc.limits.candidate_parents as f64) as usize;
+        sc.limits.parents_per_child =
+            num("--parents-per-child", sc.limits.parents_per_child as f64) as usize;
         let mut name = shape.clone();
         match shape.as_str() {
             "equal" => {}
