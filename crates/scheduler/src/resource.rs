@@ -116,6 +116,14 @@ impl Host {
         }
     }
 
+    /// The announced download rate (0: unknown).
+    fn rx_bps(&self) -> u64 {
+        self.proto
+            .network
+            .as_ref()
+            .map_or(0, |n| n.max_rx_bandwidth)
+    }
+
     fn network(&self) -> common::Network {
         self.proto.network.clone().unwrap_or_default()
     }
@@ -261,6 +269,10 @@ pub struct Peer {
     pub costs: VecDeque<u64>,
     pub parents: HashSet<String>,
     pub children: HashSet<String>,
+    /// Its host's announced download rate (0: unknown), kept for its parents' sums.
+    pub rx_bps: u64,
+    /// The download rates of `children`, kept with the edges.
+    pub children_rx: scheduling::ChildrenRx,
     /// Parents this peer reported as failing it; never offered to it again.
     pub blocklist: HashSet<String>,
     /// Children on two source addresses reported corrupt data from this peer: never
@@ -300,6 +312,8 @@ impl Peer {
             costs: VecDeque::new(),
             parents: HashSet::new(),
             children: HashSet::new(),
+            rx_bps: 0,
+            children_rx: scheduling::ChildrenRx::default(),
             blocklist: HashSet::new(),
             corrupt: false,
             blamed_by: Vec::new(),
@@ -458,9 +472,32 @@ impl Resources {
                 host.is_seed = proto.r#type != 0;
                 host.proto = proto;
                 host.announced_at = Instant::now();
+                let rx = host.rx_bps();
+                let peers: Vec<String> = host.peers.iter().cloned().collect();
+                for id in peers {
+                    self.set_rx(&id, rx);
+                }
             }
             None => {
                 self.hosts.insert(proto.id.clone(), Host::from_proto(proto));
+            }
+        }
+    }
+
+    /// A peer's host announced a new download rate: its parents' sums follow.
+    fn set_rx(&mut self, peer_id: &str, rx_bps: u64) {
+        let Some(peer) = self.peers.get_mut(peer_id) else {
+            return;
+        };
+        let old = std::mem::replace(&mut peer.rx_bps, rx_bps);
+        if old == rx_bps {
+            return;
+        }
+        let parents: Vec<String> = peer.parents.iter().cloned().collect();
+        for parent in parents {
+            if let Some(p) = self.peers.get_mut(&parent) {
+                p.children_rx.remove(old);
+                p.children_rx.add(rx_bps);
             }
         }
     }
@@ -525,6 +562,7 @@ impl Resources {
             download.priority,
         );
         peer.need_back_to_source = download.need_back_to_source;
+        peer.rx_bps = self.hosts.get(host_id).map_or(0, Host::rx_bps);
         self.next_seq = self.next_seq.wrapping_add(1);
         while self.by_seq.contains_key(&self.next_seq) {
             self.next_seq = self.next_seq.wrapping_add(1);
@@ -595,7 +633,9 @@ impl Resources {
         };
         for parent in &peer.parents {
             if let Some(p) = self.peers.get_mut(parent) {
-                p.children.remove(peer_id);
+                if p.children.remove(peer_id) {
+                    p.children_rx.remove(peer.rx_bps);
+                }
             }
         }
         for child in &peer.children {
@@ -646,16 +686,22 @@ impl Resources {
             return;
         };
         let parents: Vec<String> = peer.parents.drain().collect();
+        let rx = peer.rx_bps;
         for parent in parents {
             if let Some(p) = self.peers.get_mut(&parent) {
-                p.children.remove(peer_id);
+                if p.children.remove(peer_id) {
+                    p.children_rx.remove(rx);
+                }
             }
         }
     }
 
     fn add_edge(&mut self, parent: &str, child: &str) {
+        let rx = self.peers.get(child).map_or(0, |c| c.rx_bps);
         if let Some(p) = self.peers.get_mut(parent) {
-            p.children.insert(child.to_string());
+            if p.children.insert(child.to_string()) {
+                p.children_rx.add(rx);
+            }
         }
         if let Some(c) = self.peers.get_mut(child) {
             c.parents.insert(parent.to_string());
@@ -663,8 +709,11 @@ impl Resources {
     }
 
     pub fn remove_edge(&mut self, parent: &str, child: &str) {
+        let rx = self.peers.get(child).map_or(0, |c| c.rx_bps);
         if let Some(p) = self.peers.get_mut(parent) {
-            p.children.remove(child);
+            if p.children.remove(child) {
+                p.children_rx.remove(rx);
+            }
         }
         if let Some(c) = self.peers.get_mut(child) {
             c.parents.remove(parent);
@@ -741,15 +790,6 @@ impl Resources {
         false
     }
 
-    /// The download rate a peer's host announced (0: unknown).
-    fn rx_bps_of(&self, peer_id: &str) -> u64 {
-        self.peers
-            .get(peer_id)
-            .and_then(|p| self.hosts.get(&p.host_id))
-            .and_then(|h| h.proto.network.as_ref())
-            .map_or(0, |n| n.max_rx_bandwidth)
-    }
-
     /// Normal peers of a task that hold at least one piece (a warm swarm has two or more).
     fn warm_holders(&self, sampled: &[String]) -> u32 {
         sampled
@@ -795,11 +835,13 @@ impl Resources {
                 max_children: scheduling::children_cap_by_load(
                     network.max_tx_bandwidth,
                     child_rx_bps,
-                    parent
-                        .children
-                        .iter()
-                        .filter(|c| **c != child.id)
-                        .map(|c| self.rx_bps_of(c)),
+                    {
+                        let mut others = parent.children_rx;
+                        if parent.children.contains(&child.id) {
+                            others.remove(child.rx_bps);
+                        }
+                        others
+                    },
                     limits.fill(),
                     limits.max_children,
                 ),
@@ -1024,6 +1066,7 @@ impl Resources {
                     return Err(format!("edge {parent}->{id} within one host"));
                 }
             }
+            let mut rates = Vec::with_capacity(peer.children.len());
             for child in &peer.children {
                 let c = self
                     .peers
@@ -1032,6 +1075,13 @@ impl Resources {
                 if !c.parents.contains(id) {
                     return Err(format!("edge {id}->{child} not mirrored"));
                 }
+                rates.push(c.rx_bps);
+            }
+            if peer.children_rx != scheduling::ChildrenRx::of(rates) {
+                return Err(format!("peer {id}: children's rates out of sync"));
+            }
+            if peer.rx_bps != host.rx_bps() {
+                return Err(format!("peer {id}: rate differs from its host's"));
             }
         }
         for (id, task) in &self.tasks {
@@ -1368,6 +1418,40 @@ mod tests {
         }
         let got = r.schedule("p5", &limits, &mut rng).unwrap().parents;
         assert_eq!(got.len(), 2, "{got:?}");
+    }
+
+    #[test]
+    fn parents_keep_their_childrens_rates_as_edges_and_hosts_change() {
+        const M: u64 = 1_000_000;
+        let mut r = swarm(4, 8);
+        let rated = |id: &str, bps: u64| common::Host {
+            network: Some(common::Network {
+                max_tx_bandwidth: bps,
+                max_rx_bandwidth: bps,
+                ..Default::default()
+            }),
+            ..host(id, false)
+        };
+        r.add_edge("p0", "p1");
+        r.add_edge("p0", "p2");
+        r.check_invariants().unwrap();
+        assert_eq!(r.peers["p0"].children_rx.unknown, 2);
+        // A child's host announces a rate: its parent's sum follows.
+        r.announce_host(rated("h1", 100 * M));
+        r.check_invariants().unwrap();
+        assert_eq!(r.peers["p0"].children_rx.known_bps, 100 * M);
+        r.announce_host(rated("h1", 40 * M));
+        r.remove_edge("p0", "p2");
+        r.check_invariants().unwrap();
+        assert_eq!(
+            r.peers["p0"].children_rx,
+            scheduling::ChildrenRx::of([40 * M])
+        );
+        r.add_edge("p3", "p1");
+        r.remove_peer("p1");
+        r.check_invariants().unwrap();
+        assert_eq!(r.peers["p0"].children_rx.count(), 0);
+        assert_eq!(r.peers["p3"].children_rx.count(), 0);
     }
 
     #[test]

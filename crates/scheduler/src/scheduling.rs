@@ -140,18 +140,61 @@ pub fn children_cap(parent_tx_bps: u64, child_rx_bps: u64, fill: usize, ceiling:
     (cap.min(ceiling as f64) as u32).clamp(1, ceiling)
 }
 
+/// The download rates of a parent's children, kept as the edges change (a sum, so a
+/// decision does not visit each candidate's children).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChildrenRx {
+    /// Children with a known download rate, and the sum of those rates.
+    pub known: u32,
+    pub known_bps: u64,
+    /// Children whose host announced no rate.
+    pub unknown: u32,
+}
+
+impl ChildrenRx {
+    pub fn of(rates: impl IntoIterator<Item = u64>) -> ChildrenRx {
+        let mut c = ChildrenRx::default();
+        for rx in rates {
+            c.add(rx);
+        }
+        c
+    }
+
+    pub fn add(&mut self, rx_bps: u64) {
+        if rx_bps == 0 {
+            self.unknown += 1;
+        } else {
+            self.known += 1;
+            self.known_bps = self.known_bps.saturating_add(rx_bps);
+        }
+    }
+
+    pub fn remove(&mut self, rx_bps: u64) {
+        if rx_bps == 0 {
+            self.unknown = self.unknown.saturating_sub(1);
+        } else {
+            self.known = self.known.saturating_sub(1);
+            self.known_bps = self.known_bps.saturating_sub(rx_bps);
+        }
+    }
+
+    pub fn count(&self) -> u32 {
+        self.known + self.unknown
+    }
+}
+
 /// [`children_cap`] by the rates of the children a parent already has: each child asks of a
 /// parent 1/`fill` of its own download rate, so a parent takes this child while its
 /// children's asks and this child's fit in its upload. A cap counted for the child at hand
 /// alone would let a fast parent fill up with slow children and then turn fast ones away
 /// (its count reached at their larger ask), holding fast hosts to slow ones' pace.
-/// `children_rx_bps` are the download rates of the parent's other children (0: unknown,
-/// counted as this child's). Returns the count the parent may reach with this child: at
-/// least one when it has no child, never more than `ceiling`.
+/// `others` are the parent's other children (those of unknown rate count as this child).
+/// Returns the count the parent may reach with this child: at least one when it has no
+/// child, never more than `ceiling`.
 pub fn children_cap_by_load(
     parent_tx_bps: u64,
     child_rx_bps: u64,
-    children_rx_bps: impl IntoIterator<Item = u64>,
+    others: ChildrenRx,
     fill: usize,
     ceiling: u32,
 ) -> u32 {
@@ -159,20 +202,16 @@ pub fn children_cap_by_load(
         return children_cap(parent_tx_bps, child_rx_bps, fill, ceiling);
     }
     let fill = fill.max(1) as f64;
-    let ask = |rx: u64| (if rx == 0 { child_rx_bps } else { rx }) as f64 / fill;
-    let (mut count, mut load) = (0u32, 0.0);
-    for rx in children_rx_bps {
-        count += 1;
-        load += ask(rx);
-    }
+    let ask = child_rx_bps as f64 / fill;
+    let load = (others.known_bps as f64 + others.unknown as f64 * child_rx_bps as f64) / fill;
     // The child's ask fits when at most half of it is over (the rounding of children_cap).
-    let room = (parent_tx_bps as f64 - load) / ask(child_rx_bps);
+    let room = (parent_tx_bps as f64 - load) / ask;
     let more = if room >= 0.5 {
         room.round().max(1.0) as u32
     } else {
         0
     };
-    (count + more).clamp(1, ceiling.max(1))
+    (others.count() + more).clamp(1, ceiling.max(1))
 }
 
 /// The share of a child's download one parent covers: its upload split over its
@@ -374,7 +413,13 @@ mod tests {
             (25 * M, 200 * M, vec![], 4, 8, 1),
         ] {
             assert_eq!(
-                children_cap_by_load(parent_tx, child_rx, children.clone(), fill, ceiling),
+                children_cap_by_load(
+                    parent_tx,
+                    child_rx,
+                    ChildrenRx::of(children.clone()),
+                    fill,
+                    ceiling
+                ),
                 want,
                 "{parent_tx} {child_rx} {children:?} {fill} {ceiling}"
             );
