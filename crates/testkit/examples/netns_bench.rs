@@ -594,9 +594,20 @@ fn downloader_rates(spec: &str, rate: &str, n: usize) -> Vec<String> {
     }
 }
 
-/// The simulator's scenario for this run: the same hosts, rates, joins and file.
-fn scenario(size: u64, seed_bps: f64, rates: &[f64], joins: &[f64]) -> d7y_swarmsim::Scenario {
+/// The simulator's scenario for this run: the same hosts, rates, joins, file and scheduler
+/// limits (`--scheduler-yaml` over the scheduler's defaults).
+fn scenario(
+    size: u64,
+    seed_bps: f64,
+    rates: &[f64],
+    joins: &[f64],
+    scheduling: &d7y_config::scheduler::Scheduling,
+) -> d7y_swarmsim::Scenario {
     let mut sc = d7y_swarmsim::Scenario::equal(rates.len(), size, seed_bps);
+    sc.limits.candidate_parents = scheduling.candidate_parent_limit as usize;
+    sc.limits.filter_parents = scheduling.filter_parent_limit as usize;
+    sc.limits.max_children = scheduling.max_children_per_parent;
+    sc.limits.parents_per_child = scheduling.parents_per_child as usize;
     sc.piece_length = d7y_types::piece::piece_length_for(size);
     sc.seed_up_bps = seed_bps;
     for (h, (r, j)) in sc.hosts.iter_mut().zip(rates.iter().zip(joins)) {
@@ -644,8 +655,15 @@ fn main() {
     let url = format!("http://{}:8080/file.bin", hosts.ip(0));
     let seed_bps = parse_rate(&rate);
     let bps: Vec<f64> = peer_rates.iter().map(|r| parse_rate(r)).collect();
+    let scheduling = if scheduler_yaml.trim().is_empty() {
+        d7y_config::scheduler::Scheduling::default()
+    } else {
+        d7y_config::scheduler::Config::from_yaml(&scheduler_yaml)
+            .unwrap_or_else(|e| panic!("--scheduler-yaml: {e}"))
+            .scheduler
+    };
     // The bound for all joining at 0; the late third then joins at `late` of it.
-    let sc0 = scenario(size as u64, seed_bps, &bps, &vec![0.0; n]);
+    let sc0 = scenario(size as u64, seed_bps, &bps, &vec![0.0; n], &scheduling);
     let t_star = sc0.bound();
     let late_from = n - n / 3;
     let joins: Vec<f64> = (0..n)
@@ -657,7 +675,7 @@ fn main() {
             }
         })
         .collect();
-    let mut sc = scenario(size as u64, seed_bps, &bps, &joins);
+    let mut sc = scenario(size as u64, seed_bps, &bps, &joins, &scheduling);
     let kill = (kill_frac > 0.0).then_some(kill_frac * t_star);
     sc.kill = kill.map(|at| (0, at));
     let host_bounds: Vec<f64> = (0..n).map(|i| sc.host_bound(i)).collect();
