@@ -63,21 +63,19 @@ impl SuperSeed {
         }
     }
 
-    /// When `host_id` may be told of piece `number`, which became available here `age` ago:
-    /// `None` means now. `piece_count` is the task's, once known.
+    /// When `host_id` may be told of piece `number`: `None` means now. `piece_count` is
+    /// the task's, once known.
     pub fn release_at(
         &self,
         task_id: &str,
         host_id: &str,
         number: u32,
-        age: Duration,
         piece_count: Option<u32>,
     ) -> Option<Instant> {
         let now = self.now();
         let at = self.tasks().get_mut(task_id)?.release(
             &host_id.to_string(),
             number,
-            age.as_secs_f64(),
             piece_count,
             now,
         )?;
@@ -88,7 +86,7 @@ impl SuperSeed {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use d7y_picker::deal::{MAX_DEFER, RELAY_GRACE};
+    use d7y_picker::deal::RELAY_GRACE;
 
     // The dealing rules are table-tested in `d7y_picker::deal`; these pin the wrapper:
     // tasks apart, hosts by their streams, times on the wall clock, state dropped.
@@ -101,37 +99,29 @@ mod tests {
             s.join("u", host);
         }
         // Piece 0 of t is a's; piece 0 of u is b's.
-        assert_eq!(s.release_at("t", "a", 0, Duration::ZERO, None), None);
-        assert_eq!(s.release_at("u", "b", 0, Duration::ZERO, None), None);
+        assert_eq!(s.release_at("t", "a", 0, None), None);
+        assert_eq!(s.release_at("u", "b", 0, None), None);
         let held = s
-            .release_at("t", "b", 0, Duration::ZERO, None)
+            .release_at("t", "b", 0, None)
             .expect("a's piece is held back from b");
         assert!(
             held <= Instant::now() + Duration::from_millis(250),
             "{held:?}"
         );
         s.served("t", 0);
-        let grace = s.release_at("t", "b", 0, Duration::ZERO, None).unwrap();
+        let grace = s.release_at("t", "b", 0, None).unwrap();
         assert!(grace > Instant::now() + Duration::from_secs_f64(RELAY_GRACE - 1.0));
-        // Old pieces are not held back; unknown tasks and strangers hold nothing back.
-        assert_eq!(
-            s.release_at("t", "b", 0, Duration::from_secs_f64(MAX_DEFER), None),
-            None
-        );
-        assert_eq!(s.release_at("v", "a", 0, Duration::ZERO, None), None);
-        assert_eq!(s.release_at("t", "c", 0, Duration::ZERO, None), None);
+        // Unknown tasks and strangers hold nothing back.
+        assert_eq!(s.release_at("v", "a", 0, None), None);
+        assert_eq!(s.release_at("t", "c", 0, None), None);
         // A reconnect keeps a's deals until its last stream ends.
         s.join("t", "a");
         s.leave("t", "a");
-        assert!(s.release_at("t", "b", 1, Duration::ZERO, None).is_none());
-        assert!(s.release_at("t", "b", 2, Duration::ZERO, None).is_none());
-        assert!(s.release_at("t", "a", 1, Duration::ZERO, None).is_some());
+        assert!(s.release_at("t", "b", 1, None).is_none());
+        assert!(s.release_at("t", "b", 2, None).is_none());
+        assert!(s.release_at("t", "a", 1, None).is_some());
         s.leave("t", "a");
-        assert_eq!(
-            s.release_at("t", "b", 5, Duration::ZERO, None),
-            None,
-            "b alone"
-        );
+        assert_eq!(s.release_at("t", "b", 5, None), None, "b alone");
         s.leave("t", "b");
         assert!(!s.tasks().contains_key("t"));
         assert!(s.tasks().contains_key("u"));

@@ -732,9 +732,6 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                 } else if f.to < n {
                     report.from_peers[f.to] += f.bytes;
                 }
-                if f.to == seed {
-                    superseed.arrived(f.piece, t);
-                }
                 let done = node.picker.is_done();
                 {
                     let peer = res.peer_mut(&peer_id(f.to)).expect("alive");

@@ -1,19 +1,15 @@
 //! The seed peer's super-seeding in simulated time: the daemon's own rules
 //! ([`d7y_picker::deal::Dealer`]) and its loop around them: pieces held back from a child
-//! are looked at again every [`RECHECK`] (the daemon's SyncPieces loop does), and a piece's
-//! age counts from its arrival at the seed.
+//! are looked at again every [`RECHECK`] (the daemon's SyncPieces loop does).
 
 use d7y_picker::deal::Dealer;
 pub use d7y_picker::deal::{DEAL_AHEAD, MAX_DEFER, RECHECK, RELAY_GRACE};
-use std::collections::HashMap;
 
 #[derive(Default)]
 pub struct SuperSeed {
     /// The task's pieces.
     pub piece_count: u32,
     dealer: Dealer<usize>,
-    /// Piece -> when it arrived at the seed.
-    arrived: HashMap<u32, f64>,
     /// Offers held back: (when to look again, child, piece).
     pub pending: Vec<(f64, usize, u32)>,
 }
@@ -40,10 +36,6 @@ impl SuperSeed {
         self.dealer.leave(&child);
     }
 
-    pub fn arrived(&mut self, piece: u32, t: f64) {
-        self.arrived.insert(piece, t);
-    }
-
     /// A child started fetching `piece` from the seed.
     pub fn served(&mut self, piece: u32, t: f64) {
         self.dealer.served(piece, t);
@@ -51,10 +43,9 @@ impl SuperSeed {
 
     /// Tells `child` of `piece` now or later; true when now.
     pub fn offer(&mut self, child: usize, piece: u32, t: f64) -> bool {
-        let age = t - self.arrived.get(&piece).copied().unwrap_or(t);
         match self
             .dealer
-            .release(&child, piece, age, Some(self.piece_count), t)
+            .release(&child, piece, Some(self.piece_count), t)
         {
             None => true,
             Some(at) => {
@@ -89,9 +80,6 @@ mod tests {
         s.join(0);
         s.join(1);
         s.join(1);
-        for p in 0..8 {
-            s.arrived(p, 0.0);
-        }
         let now: Vec<(usize, u32)> = (0..8)
             .flat_map(|p| [(0, p), (1, p)])
             .filter(|(c, p)| s.offer(*c, *p, 0.0))

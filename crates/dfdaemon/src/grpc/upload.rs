@@ -220,16 +220,13 @@ impl DfdaemonUpload for UploadService {
                 }
                 sent = state.pieces.len();
                 // Send what may go now; remember the earliest release of the rest.
-                let now_secs = d7y_storage::now_secs();
                 let mut next_due: Option<std::time::Instant> = None;
                 deferred.retain(|piece| {
                     let release = slot.as_ref().and_then(|slot| {
-                        let age = Duration::from_secs(now_secs.saturating_sub(piece.created_at));
                         slot.seed.release_at(
                             &slot.task_id,
                             &slot.host_id,
                             piece.number,
-                            age,
                             state.piece_count().filter(|_| state.outcome.is_some()),
                         )
                     });
