@@ -330,6 +330,20 @@ impl Peer {
         }
     }
 
+    /// Takes `child`, downloading at `rx_bps`, as a child; the children's rates follow.
+    fn add_child(&mut self, child: &str, rx_bps: u64) {
+        if self.children.insert(child.to_string()) {
+            self.children_rx.add(rx_bps);
+        }
+    }
+
+    /// Drops `child`, downloading at `rx_bps`; the children's rates follow.
+    fn remove_child(&mut self, child: &str, rx_bps: u64) {
+        if self.children.remove(child) {
+            self.children_rx.remove(rx_bps);
+        }
+    }
+
     /// Offered to nobody: proven corrupt, or holding pieces known to be wrong.
     pub fn isolated(&self) -> bool {
         self.corrupt || !self.wrong_pieces.is_empty()
@@ -414,6 +428,24 @@ pub struct Limits {
     pub parents_per_child: usize,
 }
 
+impl From<&d7y_config::scheduler::Scheduling> for Limits {
+    fn from(s: &d7y_config::scheduler::Scheduling) -> Limits {
+        Limits {
+            candidate_parents: s.candidate_parent_limit as usize,
+            filter_parents: s.filter_parent_limit as usize,
+            max_children: s.max_children_per_parent,
+            parents_per_child: s.parents_per_child as usize,
+        }
+    }
+}
+
+/// The scheduler config's defaults.
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits::from(&d7y_config::scheduler::Scheduling::default())
+    }
+}
+
 impl Limits {
     /// Parents of the child's rate that fill it, within the parent ceiling.
     fn fill(&self) -> usize {
@@ -469,13 +501,16 @@ impl Resources {
     pub fn announce_host(&mut self, proto: common::Host) {
         match self.hosts.get_mut(&proto.id) {
             Some(host) => {
+                let old_rx = host.rx_bps();
                 host.is_seed = proto.r#type != 0;
                 host.proto = proto;
                 host.announced_at = Instant::now();
                 let rx = host.rx_bps();
-                let peers: Vec<String> = host.peers.iter().cloned().collect();
-                for id in peers {
-                    self.set_rx(&id, rx);
+                if rx != old_rx {
+                    let peers: Vec<String> = host.peers.iter().cloned().collect();
+                    for id in peers {
+                        self.set_rx(&id, rx);
+                    }
                 }
             }
             None => {
@@ -633,9 +668,7 @@ impl Resources {
         };
         for parent in &peer.parents {
             if let Some(p) = self.peers.get_mut(parent) {
-                if p.children.remove(peer_id) {
-                    p.children_rx.remove(peer.rx_bps);
-                }
+                p.remove_child(peer_id, peer.rx_bps);
             }
         }
         for child in &peer.children {
@@ -689,9 +722,7 @@ impl Resources {
         let rx = peer.rx_bps;
         for parent in parents {
             if let Some(p) = self.peers.get_mut(&parent) {
-                if p.children.remove(peer_id) {
-                    p.children_rx.remove(rx);
-                }
+                p.remove_child(peer_id, rx);
             }
         }
     }
@@ -699,9 +730,7 @@ impl Resources {
     fn add_edge(&mut self, parent: &str, child: &str) {
         let rx = self.peers.get(child).map_or(0, |c| c.rx_bps);
         if let Some(p) = self.peers.get_mut(parent) {
-            if p.children.insert(child.to_string()) {
-                p.children_rx.add(rx);
-            }
+            p.add_child(child, rx);
         }
         if let Some(c) = self.peers.get_mut(child) {
             c.parents.insert(parent.to_string());
@@ -711,9 +740,7 @@ impl Resources {
     pub fn remove_edge(&mut self, parent: &str, child: &str) {
         let rx = self.peers.get(child).map_or(0, |c| c.rx_bps);
         if let Some(p) = self.peers.get_mut(parent) {
-            if p.children.remove(child) {
-                p.children_rx.remove(rx);
-            }
+            p.remove_child(child, rx);
         }
         if let Some(c) = self.peers.get_mut(child) {
             c.parents.remove(parent);
@@ -1141,6 +1168,18 @@ mod tests {
         }
     }
 
+    /// A host announcing `bps` both ways.
+    fn rated_host(id: &str, seed: bool, bps: u64) -> common::Host {
+        common::Host {
+            network: Some(common::Network {
+                max_tx_bandwidth: bps,
+                max_rx_bandwidth: bps,
+                ..Default::default()
+            }),
+            ..host(id, seed)
+        }
+    }
+
     fn download(pieces: u64) -> common::Download {
         common::Download {
             url: "http://o/f".into(),
@@ -1370,14 +1409,7 @@ mod tests {
         // everything at 25 Mbit/s, the child p5 downloads at 100 Mbit/s.
         const M: u64 = 1_000_000;
         let mut r = swarm(6, 8);
-        let rates = |id: &str, bps: u64| common::Host {
-            network: Some(common::Network {
-                max_tx_bandwidth: bps,
-                max_rx_bandwidth: bps,
-                ..Default::default()
-            }),
-            ..host(id, id == "seed-host")
-        };
+        let rates = |id: &str, bps: u64| rated_host(id, id == "seed-host", bps);
         r.announce_host(rates("seed-host", 100 * M));
         for i in 0..6 {
             r.announce_host(rates(
@@ -1424,14 +1456,7 @@ mod tests {
     fn parents_keep_their_childrens_rates_as_edges_and_hosts_change() {
         const M: u64 = 1_000_000;
         let mut r = swarm(4, 8);
-        let rated = |id: &str, bps: u64| common::Host {
-            network: Some(common::Network {
-                max_tx_bandwidth: bps,
-                max_rx_bandwidth: bps,
-                ..Default::default()
-            }),
-            ..host(id, false)
-        };
+        let rated = |id: &str, bps: u64| rated_host(id, false, bps);
         r.add_edge("p0", "p1");
         r.add_edge("p0", "p2");
         r.check_invariants().unwrap();

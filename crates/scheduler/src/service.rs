@@ -176,13 +176,7 @@ impl Service {
     ) -> Arc<Service> {
         let seeds = SeedPeers::new(config.seed_peers.iter().map(|s| s.addr()).collect())
             .with_tls(tls.clone());
-        let s = &config.scheduler;
-        let limits = Limits {
-            candidate_parents: s.candidate_parent_limit as usize,
-            filter_parents: s.filter_parent_limit as usize,
-            max_children: s.max_children_per_parent,
-            parents_per_child: s.parents_per_child as usize,
-        };
+        let limits = Limits::from(&config.scheduler);
         let dynamic = Dynamic {
             limits,
             seed_peers: config.seed_peers.clone(),
@@ -237,8 +231,7 @@ impl Service {
         let limits = Limits {
             candidate_parents: candidate as usize,
             filter_parents: filter as usize,
-            max_children: defaults.max_children_per_parent,
-            parents_per_child: defaults.parents_per_child as usize,
+            ..Limits::from(defaults)
         };
         let seeds_changed = d.seed_peers != cluster.seed_peers;
         let changed = seeds_changed || d.limits != limits;

@@ -32,12 +32,7 @@ pub fn measure(
     decisions: usize,
 ) -> Cost {
     let mut rng = SmallRng::seed_from_u64(7);
-    let limits = Limits {
-        candidate_parents: 8,
-        filter_parents: 40,
-        max_children: 8,
-        parents_per_child: 4,
-    };
+    let limits = Limits::default();
     let task_id = |t: usize| format!("{t:064x}");
     let download = common::Download {
         url: "http://origin/file".into(),

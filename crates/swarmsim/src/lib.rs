@@ -90,12 +90,7 @@ impl Scenario {
                 };
                 n
             ],
-            limits: Limits {
-                candidate_parents: 8,
-                filter_parents: 40,
-                max_children: 8,
-                parents_per_child: 4,
-            },
+            limits: Limits::default(),
             refresh: 0.5,
             refresh_max: 4.0,
             dt: 0.01,

@@ -604,10 +604,7 @@ fn scenario(
     scheduling: &d7y_config::scheduler::Scheduling,
 ) -> d7y_swarmsim::Scenario {
     let mut sc = d7y_swarmsim::Scenario::equal(rates.len(), size, seed_bps);
-    sc.limits.candidate_parents = scheduling.candidate_parent_limit as usize;
-    sc.limits.filter_parents = scheduling.filter_parent_limit as usize;
-    sc.limits.max_children = scheduling.max_children_per_parent;
-    sc.limits.parents_per_child = scheduling.parents_per_child as usize;
+    sc.limits = d7y_scheduler::resource::Limits::from(scheduling);
     sc.piece_length = d7y_types::piece::piece_length_for(size);
     sc.seed_up_bps = seed_bps;
     for (h, (r, j)) in sc.hosts.iter_mut().zip(rates.iter().zip(joins)) {
