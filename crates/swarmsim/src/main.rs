@@ -108,6 +108,7 @@ fn main() {
         sc.announce_rates = !flag("--no-rates");
         sc.rng_seed = num("--seed", 1.0) as u64;
         sc.goodput = num("--goodput", sc.goodput);
+        sc.ack_share = num("--ack-share", sc.ack_share);
         sc.limits.max_children = num("--max-children", sc.limits.max_children as f64) as u32;
         sc.limits.candidate_parents =
             num("--candidate-parents", sc.limits.candidate_parents as f64) as usize;
