@@ -89,6 +89,46 @@ impl Hosts {
         Ok(hosts)
     }
 
+    /// Makes `algorithm` (e.g. `cubic`) the TCP congestion control of every host's new
+    /// sockets. A namespace starts with the machine's default, and a namespace may only
+    /// choose an algorithm the machine allows (`net.ipv4.tcp_allowed_congestion_control`,
+    /// global), so one missing from that list is added to it: the list only says what
+    /// unprivileged sockets may pick, and the machine's own default stays as it was.
+    pub fn set_congestion_control(&self, algorithm: &str) -> anyhow::Result<()> {
+        let read = |key: &str| -> anyhow::Result<String> {
+            let out = Command::new("sysctl").args(["-n", key]).output()?;
+            anyhow::ensure!(out.status.success(), "sysctl {key} failed");
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        };
+        let available = read("net.ipv4.tcp_available_congestion_control")?;
+        if !available.split_whitespace().any(|a| a == algorithm) {
+            // Loaded on first use when it is a module.
+            let _ = Command::new("modprobe")
+                .arg(format!("tcp_{algorithm}"))
+                .status();
+        }
+        let allowed = read("net.ipv4.tcp_allowed_congestion_control")?;
+        if !allowed.split_whitespace().any(|a| a == algorithm) {
+            run(&[
+                "sysctl",
+                "-qw",
+                &format!("net.ipv4.tcp_allowed_congestion_control={allowed} {algorithm}"),
+            ])?;
+        }
+        for ns in &self.names {
+            run(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                &format!("net.ipv4.tcp_congestion_control={algorithm}"),
+            ])?;
+        }
+        Ok(())
+    }
+
     /// Address of host `i` (0-based).
     pub fn ip(&self, i: usize) -> String {
         format!("10.200.0.{}", 11 + i)
