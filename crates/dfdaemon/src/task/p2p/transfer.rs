@@ -206,6 +206,7 @@ pub(super) async fn fetch_piece(
                     transfer(e.to_string())
                 }
             })?;
+        let header_at = started.elapsed();
         if meta.number != number || meta.offset != offset || meta.length != length {
             return Err(FetchError::Corrupt {
                 number,
@@ -316,6 +317,7 @@ pub(super) async fn fetch_piece(
                 Err(e) => return Err(transfer(e.to_string())),
             }
         }
+        let body_at = started.elapsed();
         let (written, crc) = sink.finish().await?;
         if written != length {
             return Err(transfer(format!(
@@ -323,6 +325,15 @@ pub(super) async fn fetch_piece(
             )));
         }
         let actual = verify(crc)?;
+        // Where the fetch spent its time (the parent's answer, the bytes, the last write),
+        // for tracing a swarm run piece by piece: a relayed piece ends after its flight.
+        tracing::debug!(
+            number,
+            header_ms = header_at.as_millis() as u64,
+            body_ms = body_at.as_millis() as u64,
+            finish_ms = started.elapsed().as_millis() as u64,
+            "piece received"
+        );
         Ok((actual, Ok(flight), reusable, source))
     };
     let (digest, landed, reusable, source) = match tokio::time::timeout(timeout, work).await {
