@@ -63,7 +63,10 @@ pub struct Config {
     pub piece_length: u64,
     /// Seconds of a parent's measured rate its in-flight budget covers.
     pub horizon_secs: f64,
-    /// Budget of a parent whose rate is not measured yet.
+    /// Budget of a parent whose rate is not measured yet. One: in a swarm's first
+    /// seconds every parent relays pieces still arriving at it, so two fetches from one
+    /// parent each run at half its share and land twice as late, and the children
+    /// following them wait as long (measured at N = 16, 100 Mbit: p50 1.17 → 1.15 T*).
     pub default_budget: u32,
     /// Largest budget of one parent.
     pub max_per_parent: u32,
@@ -79,7 +82,7 @@ impl Default for Config {
             concurrency: 16,
             piece_length: 4 << 20,
             horizon_secs: 0.35,
-            default_budget: 2,
+            default_budget: 1,
             max_per_parent: 4,
             seed_share: 1,
             endgame_pieces: 4,

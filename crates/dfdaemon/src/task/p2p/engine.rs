@@ -45,9 +45,10 @@ use tracing::{debug, info, warn};
 /// ([`d7y_picker::Config::for_download`], which the simulator uses too). Few pieces in
 /// flight per parent, so that each completes soon: k pieces sharing a parent's link each
 /// take k piece-times, and a piece is verified (and its last byte relayed, see
-/// [`crate::relay`]) only once whole. Two (unmeasured) keep the link busy across the
-/// request round trip; measured, a budget covers 0.35 s of the parent's rate (two 4 MiB
-/// pieces at 200 Mbit/s, one at 100). The seed gets one while other parents are
+/// [`crate::relay`]) only once whole. One per parent until its rate is measured (a
+/// swarm's first pieces are relayed while they arrive: two at once would each land twice
+/// as late); measured, a budget covers 0.35 s of the parent's rate (two 4 MiB pieces at
+/// 200 Mbit/s, one at 100). The seed gets one while other parents are
 /// connected. The endgame's second copies are held in memory until one wins, so it covers
 /// at most [`d7y_picker::ENDGAME_MEMORY`] of pieces.
 fn picker_config(layout: PieceLayout, concurrency: usize) -> d7y_picker::Config {
