@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""Where a swarm run's time went, from the daemons' logs kept by netns_bench.
+
+Run the bench with the daemons at debug level and their logs kept:
+
+    DFDAEMON_LOG_LEVEL=debug D7Y_KEEP_LOGS=/tmp/keep \\
+        target/release/examples/netns_bench --peers 16 --rate 100mbit --systems dragonfly
+
+then:
+
+    scripts/swarm_trace.py /tmp/keep timeline [--bucket 1.0]   # links over time
+    scripts/swarm_trace.py /tmp/keep links --from 5 --to 20     # each host's links
+    scripts/swarm_trace.py /tmp/keep gaps                       # idle time between pieces
+
+Each `piece fetched` line (its end, its duration, its parent) is spread evenly over its
+duration; a host's downlink is what it fetched, its uplink what others fetched from it.
+Percentages are payload against the link rate (`--rate-mbit`), so a full link reads
+about 93-95% (headers and ACKs). Time 0 is the first registration with the scheduler.
+Host 0 is the seed peer (on the origin's host).
+"""
+
+import argparse
+import collections
+import datetime
+import glob
+import re
+import signal
+import statistics
+
+
+def stamp(line):
+    return datetime.datetime.fromisoformat(line.split()[0].rstrip("Z")).timestamp()
+
+
+def host_of(peer_id):
+    m = re.search(r"-host(\d+)-", peer_id)
+    return int(m.group(1)) if m else None
+
+
+def load(directory):
+    """(fetches, t0): fetches as (start, end, host, parent host or None, answer ms)."""
+    fetches, t0 = [], None
+    for path in glob.glob(directory + "/host*/dfdaemon.log"):
+        host = int(re.search(r"host(\d+)/", path).group(1))
+        answer = None
+        for line in open(path, errors="replace"):
+            if "registered with scheduler" in line:
+                t = stamp(line)
+                t0 = t if t0 is None else min(t0, t)
+            elif "piece received" in line:
+                m = re.search(r"header_ms=(\d+)", line)
+                answer = int(m.group(1)) if m else None
+            elif "piece fetched" in line:
+                m = re.search(r'parent="([^"]*)" millis=(\d+)', line)
+                if not m:
+                    continue
+                end = stamp(line)
+                start = end - int(m.group(2)) / 1000
+                parent = host_of(m.group(1)) if m.group(1) else None
+                fetches.append((start, end, host, parent, answer))
+                answer = None
+    if t0 is None:
+        raise SystemExit(f"no registration found under {directory}")
+    return [(s - t0, e - t0, h, p, a) for s, e, h, p, a in fetches], t0
+
+
+def spread(fetches, a, b, piece):
+    """Bytes each host received and sent between a and b (seconds)."""
+    down, up = collections.Counter(), collections.Counter()
+    for s, e, h, p, _ in fetches:
+        overlap = max(0.0, min(e, b) - max(s, a))
+        if overlap <= 0:
+            continue
+        share = piece * overlap / max(e - s, 1e-3)
+        down[h] += share
+        if p is not None:
+            up[p] += share
+    return down, up
+
+
+def timeline(fetches, args):
+    piece = args.piece_mib * 2**20
+    cap = args.rate_mbit * 1e6 / 8 * args.bucket
+    # Host 0 is the seed peer: its own fetches are from the origin, on its host.
+    hosts = sorted({h for _, _, h, _, _ in fetches} - {0})
+    end = max(e for _, e, _, _, _ in fetches)
+    print("from (s)  seed up %  hosts down %: mean  min  max")
+    t = 0.0
+    while t < end:
+        down, up = spread(fetches, t, t + args.bucket, piece)
+        v = [down[h] / cap * 100 for h in hosts]
+        print(f"{t:8.2f}  {up[0] / cap * 100:9.0f}  {sum(v) / len(v):19.0f} {min(v):4.0f} {max(v):4.0f}")
+        t += args.bucket
+    ends = collections.defaultdict(float)
+    for _, e, h, _, _ in fetches:
+        if h != 0:
+            ends[h] = max(ends[h], e)
+    print("last piece per host (s):", " ".join(f"{e:.2f}" for e in sorted(ends.values())))
+
+
+def links(fetches, args):
+    piece = args.piece_mib * 2**20
+    cap = args.rate_mbit * 1e6 / 8 * (args.to - args.frm)
+    down, up = spread(fetches, args.frm, args.to, piece)
+    children = collections.defaultdict(set)
+    for s, e, h, p, _ in fetches:
+        if p is not None and min(e, args.to) > max(s, args.frm):
+            children[p].add(h)
+    print(f"{args.frm}-{args.to} s  host  up %  down %  children")
+    for h in sorted(set(up) | set(down)):
+        d = "     -" if h == 0 else f"{down[h] / cap * 100:6.0f}"  # the seed's is the origin's
+        print(f"{h:14d}  {up[h] / cap * 100:4.0f}  {d}  {len(children[h]):8d}")
+    hosts = [h for h in set(up) | set(down) if h != 0]
+    print(f"mean of the hosts: up {sum(up[h] for h in hosts) / cap * 100 / len(hosts):.1f}%,"
+          f" down {sum(down[h] for h in hosts) / cap * 100 / len(hosts):.1f}%")
+
+
+def gaps(fetches, _args):
+    pairs = collections.defaultdict(list)
+    for s, e, h, p, a in fetches:
+        pairs[(h, p)].append((s, e, a or 0))
+    busy = idle = answers = 0.0
+    waits = []
+    for runs in pairs.values():
+        runs.sort()
+        for i, (s, e, a) in enumerate(runs):
+            busy += e - s
+            answers += a / 1000
+            if i > 0:
+                gap = s - runs[i - 1][1]
+                if 0 <= gap < 0.5:  # longer: the parent had nothing new
+                    waits.append(gap)
+                    idle += gap
+    total = busy + idle
+    print(f"fetches {len(fetches)}, flow-seconds busy {busy:.1f}")
+    print(f"waiting for the parent's answer: {answers:.2f} s ({100 * answers / total:.2f}% of busy)")
+    print(f"between one piece's end and the next request: {idle:.2f} s ({100 * idle / total:.2f}%)")
+    if len(waits) >= 10:
+        q = statistics.quantiles(waits, n=10)
+        print(f"  p10 / p50 / p90: {q[0] * 1000:.1f} / {q[4] * 1000:.1f} / {q[8] * 1000:.1f} ms")
+
+
+def main():
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # quiet when piped into head
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("logs", help="the D7Y_KEEP_LOGS directory")
+    ap.add_argument("view", choices=["timeline", "links", "gaps"])
+    ap.add_argument("--rate-mbit", type=float, default=100.0)
+    ap.add_argument("--piece-mib", type=float, default=4.0)
+    ap.add_argument("--bucket", type=float, default=1.0, help="timeline step (s)")
+    ap.add_argument("--from", dest="frm", type=float, default=5.0)
+    ap.add_argument("--to", type=float, default=20.0)
+    args = ap.parse_args()
+    fetches, _ = load(args.logs)
+    if not fetches:
+        raise SystemExit("no `piece fetched` lines: run the daemons at debug level")
+    {"timeline": timeline, "links": links, "gaps": gaps}[args.view](fetches, args)
+
+
+if __name__ == "__main__":
+    main()
