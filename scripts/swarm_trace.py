@@ -38,30 +38,32 @@ def host_of(peer_id):
 
 
 def load(directory):
-    """(fetches, t0): fetches as (start, end, host, parent host or None, answer ms)."""
+    """Fetches as (start, end, host, parent host or None for the origin, answer ms)."""
     fetches, t0 = [], None
     for path in glob.glob(directory + "/host*/dfdaemon.log"):
         host = int(re.search(r"host(\d+)/", path).group(1))
-        answer = None
+        # A fetch's `piece received` line comes before its `piece fetched`, but other
+        # fetches' lines may come between: matched by piece number.
+        answers = {}
         for line in open(path, errors="replace"):
             if "registered with scheduler" in line:
                 t = stamp(line)
                 t0 = t if t0 is None else min(t0, t)
             elif "piece received" in line:
-                m = re.search(r"header_ms=(\d+)", line)
-                answer = int(m.group(1)) if m else None
+                m = re.search(r"number=(\d+) header_ms=(\d+)", line)
+                if m:
+                    answers[m.group(1)] = int(m.group(2))
             elif "piece fetched" in line:
-                m = re.search(r'parent="([^"]*)" millis=(\d+)', line)
+                m = re.search(r'number=(\d+) parent="([^"]*)" millis=(\d+)', line)
                 if not m:
                     continue
                 end = stamp(line)
-                start = end - int(m.group(2)) / 1000
-                parent = host_of(m.group(1)) if m.group(1) else None
-                fetches.append((start, end, host, parent, answer))
-                answer = None
+                start = end - int(m.group(3)) / 1000
+                parent = host_of(m.group(2)) if m.group(2) else None
+                fetches.append((start, end, host, parent, answers.pop(m.group(1), None)))
     if t0 is None:
         raise SystemExit(f"no registration found under {directory}")
-    return [(s - t0, e - t0, h, p, a) for s, e, h, p, a in fetches], t0
+    return [(s - t0, e - t0, h, p, a) for s, e, h, p, a in fetches]
 
 
 def spread(fetches, a, b, piece):
@@ -118,7 +120,8 @@ def links(fetches, args):
 def gaps(fetches, _args):
     pairs = collections.defaultdict(list)
     for s, e, h, p, a in fetches:
-        pairs[(h, p)].append((s, e, a or 0))
+        if p is not None:  # parents' flows only: the origin's has no answer to wait for
+            pairs[(h, p)].append((s, e, a or 0))
     busy = idle = answers = 0.0
     waits = []
     for runs in pairs.values():
@@ -132,7 +135,7 @@ def gaps(fetches, _args):
                     waits.append(gap)
                     idle += gap
     total = busy + idle
-    print(f"fetches {len(fetches)}, flow-seconds busy {busy:.1f}")
+    print(f"fetches from parents {sum(map(len, pairs.values()))}, flow-seconds busy {busy:.1f}")
     print(f"waiting for the parent's answer: {answers:.2f} s ({100 * answers / total:.2f}% of busy)")
     print(f"between one piece's end and the next request: {idle:.2f} s ({100 * idle / total:.2f}%)")
     if len(waits) >= 10:
@@ -151,7 +154,7 @@ def main():
     ap.add_argument("--from", dest="frm", type=float, default=5.0)
     ap.add_argument("--to", type=float, default=20.0)
     args = ap.parse_args()
-    fetches, _ = load(args.logs)
+    fetches = load(args.logs)
     if not fetches:
         raise SystemExit("no `piece fetched` lines: run the daemons at debug level")
     {"timeline": timeline, "links": links, "gaps": gaps}[args.view](fetches, args)
