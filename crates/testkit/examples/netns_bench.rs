@@ -22,6 +22,10 @@
 //! (`d7y-swarmsim`), and the machine's idle CPU during the run. `--kill F` kills downloader
 //! 1 (its daemon, or its BitTorrent client) at F of T*: churn; the others must finish.
 //!
+//! `--announce-rates yes|no` overrides whether the daemons announce their link rates
+//! (default `auto`: only with `--rates`); `no` with `--rates` shows what the default
+//! configuration, which knows no rates, does on unequal links.
+//!
 //! `--tcp-cc NAME` sets the TCP congestion control of every emulated host, for every
 //! system alike (`cubic`, `reno`, `bbr`; default `system`, the machine's own). The machine
 //! this was written on defaults to BBR, which on five hosts each fetching from the four
@@ -639,6 +643,7 @@ fn main() {
     let systems = arg("--systems", "dragonfly,aria2,curl");
     let scheduler_yaml = arg("--scheduler-yaml", "");
     let tcp_cc = arg("--tcp-cc", "system");
+    let announce = arg("--announce-rates", "auto");
     let out = PathBuf::from(arg("--out", "target/netns-bench"));
     let _ = bin_path("dfdaemon"); // fail early when the binaries are not built
     d7y_testkit::netns::cleanup(PREFIX);
@@ -654,7 +659,13 @@ fn main() {
     let mut all_rates = vec![rate.clone()];
     all_rates.extend(peer_rates.iter().cloned());
     let mut hosts = Hosts::up_with_rates(PREFIX, &all_rates).expect("create emulated hosts");
-    hosts.announce_rates = !rates_spec.is_empty();
+    hosts.announce_rates = match announce.as_str() {
+        "auto" => !rates_spec.is_empty(),
+        "yes" => true,
+        "no" => false,
+        other => panic!("--announce-rates takes auto, yes or no, not {other}"),
+    };
+    let announced = hosts.announce_rates;
     if tcp_cc != "system" {
         hosts
             .set_congestion_control(&tcp_cc)
@@ -695,6 +706,10 @@ fn main() {
         })
         .collect();
     let mut sc = scenario(size as u64, seed_bps, &bps, &joins, &scheduling);
+    if !rates_spec.is_empty() {
+        // The simulator's hosts then size parents by rate only when the daemons do.
+        sc.announce_rates = announced;
+    }
     let kill = (kill_frac > 0.0).then_some(kill_frac * t_star);
     sc.kill = kill.map(|at| (0, at));
     let host_bounds: Vec<f64> = (0..n).map(|i| sc.host_bound(i)).collect();
@@ -755,11 +770,16 @@ fn main() {
     drop(hosts);
 
     let mut md = String::new();
+    let announced_note = if announced {
+        "rates announced"
+    } else {
+        "rates not announced"
+    };
     let links = if rates_spec.is_empty() {
-        format!("every link {rate} both ways")
+        format!("every link {rate} both ways ({announced_note})")
     } else {
         format!(
-            "origin host {rate}, downloaders {} (both ways, rates announced)",
+            "origin host {rate}, downloaders {} (both ways, {announced_note})",
             peer_rates.join(", ")
         )
     };
