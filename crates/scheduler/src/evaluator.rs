@@ -31,7 +31,8 @@ pub struct ParentStats {
 pub struct ChildStats {
     pub idc: Option<String>,
     pub location: Option<String>,
-    /// Normal peers of the task holding at least one piece.
+    /// Normal peers of the task holding at least one piece (the scheduler counts up to
+    /// [`WARM_SWARM`]).
     pub warm_holders: u32,
 }
 
@@ -119,10 +120,13 @@ pub fn location_affinity(parent: Option<&str>, child: Option<&str>) -> f64 {
     matching as f64 / LOCATION_LEVELS as f64
 }
 
+/// Normal peers holding pieces from which a swarm is warm: seeds are no longer preferred.
+pub const WARM_SWARM: u32 = 2;
+
 /// Seeds first only while the swarm is cold; afterwards every active parent is equal.
 pub fn host_type(is_seed: bool, active: bool, warm_holders: u32) -> f64 {
     match (is_seed, active) {
-        (true, true) if warm_holders < 2 => 1.0,
+        (true, true) if warm_holders < WARM_SWARM => 1.0,
         (true, false) => 0.0,
         _ => 0.5,
     }

@@ -817,7 +817,9 @@ impl Resources {
         false
     }
 
-    /// Normal peers of a task that hold at least one piece (a warm swarm has two or more).
+    /// Normal peers of a task that hold at least one piece, counted up to
+    /// [`evaluator::WARM_SWARM`] (a warm swarm; the evaluator asks no more), so a warm
+    /// swarm's decision looks at a few sampled peers, not all of them.
     fn warm_holders(&self, sampled: &[String]) -> u32 {
         sampled
             .iter()
@@ -825,6 +827,7 @@ impl Resources {
             .filter(|p| {
                 !p.pieces.is_empty() && !self.hosts.get(&p.host_id).is_some_and(|h| h.is_seed)
             })
+            .take(evaluator::WARM_SWARM as usize)
             .count() as u32
     }
 

@@ -25,6 +25,7 @@ use dragonfly_api::common::v2 as common;
 use flow::Flow;
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
@@ -244,6 +245,8 @@ struct Node {
     /// retired parents): handed back, they are restored with their rate and their fetches
     /// still in flight.
     retired: BTreeMap<usize, ParentId>,
+    /// Host index of each picker handle (handles are never reused).
+    owner: Vec<usize>,
     joined: bool,
     alive: bool,
     done: Option<f64>,
@@ -321,6 +324,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
             picker: Picker::new(count, picker_cfg.clone()),
             parents: BTreeMap::new(),
             retired: BTreeMap::new(),
+            owner: Vec::new(),
             joined: false,
             alive: true,
             done: None,
@@ -359,6 +363,9 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
     let mut rates: Vec<f64> = Vec::new();
     let mut t = 0.0;
 
+    // When each node's parent set is next worth a look (a lower bound; a node is looked at
+    // no sooner): the loop below then skips the nodes not due without touching them.
+    let mut due = vec![f64::NEG_INFINITY; n];
     while t < limit {
         // Churn.
         if let Some((victim, at)) = sc.kill {
@@ -368,6 +375,9 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                 for c in std::mem::take(&mut subs[victim]) {
                     if let Some(h) = nodes[c].parents.remove(&victim) {
                         nodes[c].picker.remove_parent(h);
+                    }
+                    if c < n {
+                        due[c] = f64::NEG_INFINITY; // may have no parents left
                     }
                     nodes[c].retired.remove(&victim);
                     nodes[c].dirty = true;
@@ -390,12 +400,17 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
         }
         // Joins and parent sets.
         for i in 0..n {
+            if t < due[i] {
+                continue;
+            }
             let node = &mut nodes[i];
             if !node.alive || node.done.is_some() {
+                due[i] = f64::INFINITY;
                 continue;
             }
             if !node.joined {
                 if sc.hosts[i].join > t {
+                    due[i] = sc.hosts[i].join - 1e-6;
                     continue;
                 }
                 node.joined = true;
@@ -411,9 +426,12 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                 node.refresh_every
             };
             if t - node.last_schedule < every - 1e-9 {
+                due[i] = node.last_schedule + every - 1e-6;
                 continue;
             }
             node.last_schedule = t;
+            // Whatever this decision does, the next one is no sooner than a refresh away.
+            due[i] = t + sc.refresh.min(node.refresh_every) - 1e-6;
             let started = Instant::now();
             // As the scheduler service: a peer without parents is scheduled every retry
             // interval, takes a full parent on the last attempt and is sent to the origin
@@ -480,7 +498,15 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                         nodes[i].picker.restore_parent(h);
                         h
                     }
-                    None => nodes[i].picker.add_parent(p == seed),
+                    None => {
+                        let h = nodes[i].picker.add_parent(p == seed);
+                        let owner = &mut nodes[i].owner;
+                        if owner.len() <= h.0 as usize {
+                            owner.resize(h.0 as usize + 1, usize::MAX);
+                        }
+                        owner[h.0 as usize] = p;
+                        h
+                    }
                 };
                 nodes[i].picker.set_usable(h, true);
                 nodes[i].parents.insert(p, h);
@@ -520,13 +546,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                 let node = &nodes[i];
                 let from = match source {
                     Source::Origin => origin,
-                    Source::Parent(h) => *node
-                        .parents
-                        .iter()
-                        .chain(node.retired.iter())
-                        .find(|(_, v)| **v == h)
-                        .map(|(k, _)| k)
-                        .expect("a current parent"),
+                    Source::Parent(h) => node.owner[h.0 as usize],
                 };
                 if from == seed {
                     superseed.served(piece, t);
@@ -570,15 +590,15 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
         // A relayed read that caught up with the flight it follows goes at that flight's
         // pace (plus what closes the gap within the step): the link share it cannot use
         // goes to other flows.
-        let followed: HashMap<u64, (f64, f64)> = if fetches.iter().any(|f| f.follows.is_some()) {
-            let wanted: HashSet<u64> = fetches.iter().filter_map(|f| f.follows).collect();
+        let followed: FxHashMap<u64, (f64, f64)> = if fetches.iter().any(|f| f.follows.is_some()) {
+            let wanted: FxHashSet<u64> = fetches.iter().filter_map(|f| f.follows).collect();
             fetches
                 .iter()
                 .filter(|f| wanted.contains(&f.id))
                 .map(|f| (f.id, (f.left, f.rate)))
                 .collect()
         } else {
-            HashMap::new()
+            FxHashMap::default()
         };
         flows.clear();
         flows.extend(fetches.iter().map(|f| {
@@ -677,12 +697,12 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
         // Cut-through: a relayed fetch is never ahead of the fetch it follows; one whose
         // upstream flight ended without the piece fails with it.
         if fetches.iter().any(|f| f.follows.is_some()) {
-            let wanted: HashSet<u64> = fetches.iter().filter_map(|f| f.follows).collect();
+            let wanted: FxHashSet<u64> = fetches.iter().filter_map(|f| f.follows).collect();
             let mut relays = vec![false; n + 2];
             for f in fetches.iter().filter(|f| f.follows.is_some()) {
                 relays[f.from] = true;
             }
-            let upstream: HashMap<u64, f64> = fetches
+            let upstream: FxHashMap<u64, f64> = fetches
                 .iter()
                 .filter(|f| relays[f.to] && wanted.contains(&f.id))
                 .map(|f| (f.id, f.left))
@@ -693,12 +713,13 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                     continue;
                 };
                 debug_assert!(up < f.id, "a relay follows an older flight");
-                if nodes[f.from].picker.has(f.piece) {
-                    f.follows = None;
-                    continue;
-                }
+                // While the flight it follows is on, the relay cannot hold the piece: a
+                // copy that lands first cancels the other fetches of it in the same step.
+                // So the relay's picker (a cache miss per fetch) is asked only once the
+                // flight is gone.
                 match upstream.get(&up) {
                     Some(up_left) => f.left = f.left.max(*up_left).max(f64::MIN_POSITIVE),
+                    None if nodes[f.from].picker.has(f.piece) => f.follows = None,
                     None => broken.push(k),
                 }
             }
