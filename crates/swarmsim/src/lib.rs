@@ -590,16 +590,14 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
         // A relayed read that caught up with the flight it follows goes at that flight's
         // pace (plus what closes the gap within the step): the link share it cannot use
         // goes to other flows.
-        let followed: FxHashMap<u64, (f64, f64)> = if fetches.iter().any(|f| f.follows.is_some()) {
-            let wanted: FxHashSet<u64> = fetches.iter().filter_map(|f| f.follows).collect();
-            fetches
-                .iter()
-                .filter(|f| wanted.contains(&f.id))
-                .map(|f| (f.id, (f.left, f.rate)))
-                .collect()
-        } else {
-            FxHashMap::default()
-        };
+        // The flights relayed reads follow (no fetch starts or ends before the cut-through
+        // check below, so it serves there too).
+        let wanted: FxHashSet<u64> = fetches.iter().filter_map(|f| f.follows).collect();
+        let followed: FxHashMap<u64, (f64, f64)> = fetches
+            .iter()
+            .filter(|f| wanted.contains(&f.id))
+            .map(|f| (f.id, (f.left, f.rate)))
+            .collect();
         flows.clear();
         flows.extend(fetches.iter().map(|f| {
             Flow {
@@ -696,8 +694,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
         }
         // Cut-through: a relayed fetch is never ahead of the fetch it follows; one whose
         // upstream flight ended without the piece fails with it.
-        if fetches.iter().any(|f| f.follows.is_some()) {
-            let wanted: FxHashSet<u64> = fetches.iter().filter_map(|f| f.follows).collect();
+        if !wanted.is_empty() {
             let mut relays = vec![false; n + 2];
             for f in fetches.iter().filter(|f| f.follows.is_some()) {
                 relays[f.from] = true;
