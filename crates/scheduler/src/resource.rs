@@ -29,7 +29,7 @@ use crate::scheduling::{self, Candidate, Child, PeerState};
 use dragonfly_api::common::v2 as common;
 use rand::seq::index::sample;
 use rand::Rng;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::time::Instant;
 
@@ -267,8 +267,11 @@ pub struct Peer {
     pub pieces: PieceSet,
     /// Recent costs (ms) of pieces this peer downloaded, oldest first.
     pub costs: VecDeque<u64>,
-    pub parents: HashSet<String>,
-    pub children: HashSet<String>,
+    /// Ordered sets (small: a child's parents, a parent's children up to its cap), so that
+    /// every walk over the graph visits peers in one order and a decision depends on the
+    /// swarm alone, not on a per-process hash seed.
+    pub parents: BTreeSet<String>,
+    pub children: BTreeSet<String>,
     /// Its host's announced download rate (0: unknown), kept for its parents' sums.
     pub rx_bps: u64,
     /// The download rates of `children`, kept with the edges.
@@ -310,8 +313,8 @@ impl Peer {
             priority,
             pieces: PieceSet::default(),
             costs: VecDeque::new(),
-            parents: HashSet::new(),
-            children: HashSet::new(),
+            parents: BTreeSet::new(),
+            children: BTreeSet::new(),
             rx_bps: 0,
             children_rx: scheduling::ChildrenRx::default(),
             blocklist: HashSet::new(),
@@ -718,7 +721,7 @@ impl Resources {
         let Some(peer) = self.peers.get_mut(peer_id) else {
             return;
         };
-        let parents: Vec<String> = peer.parents.drain().collect();
+        let parents: Vec<String> = std::mem::take(&mut peer.parents).into_iter().collect();
         let rx = peer.rx_bps;
         for parent in parents {
             if let Some(p) = self.peers.get_mut(&parent) {
@@ -931,12 +934,12 @@ impl Resources {
                 .collect()
         };
         if ids.len() > limits.filter_parents {
-            let mut current: Vec<&String> = child
+            // In the set's order (sorted): runs stay reproducible.
+            let current: Vec<&String> = child
                 .parents
                 .iter()
                 .filter(|id| !sampled.contains(id))
                 .collect();
-            current.sort(); // a set's order is per process; keep runs reproducible
             sampled.extend(current.into_iter().cloned());
         }
         let child_host = self.hosts.get(&child.host_id);

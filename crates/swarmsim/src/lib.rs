@@ -853,6 +853,24 @@ mod tests {
     }
 
     #[test]
+    fn one_seed_gives_one_run_above_tens_of_hosts() {
+        // Every hash map gets its own keys, even within one process: two runs that differ
+        // only there would give other completion times here. With the scheduler's parent
+        // and child sets hash-ordered they did (its bounded walk over a candidate's
+        // ancestors stopped early or late by the order it met them), from about a hundred
+        // hosts up.
+        let sc = Scenario::equal(256, 64 << 20, 200e6);
+        let a = run(&sc, 600.0);
+        let b = run(&sc, 600.0);
+        assert!(a.finished.iter().all(|f| f.is_some()));
+        let differ = (0..a.finished.len())
+            .filter(|i| a.finished[*i] != b.finished[*i] || a.from_seed[*i] != b.from_seed[*i])
+            .count();
+        assert_eq!(differ, 0, "hosts whose runs differ, of {}", a.finished.len());
+        assert_eq!(a.schedules, b.schedules);
+    }
+
+    #[test]
     fn the_bound_table() {
         let mut sc = Scenario::equal(4, 1 << 30, 100e6);
         let f = (1u64 << 30) as f64 * 8.0;

@@ -188,6 +188,13 @@ fn main() {
         if n <= 16 {
             let times: Vec<String> = r.sorted().iter().map(|t| format!("{t:.2}")).collect();
             println!("<!-- completion times (s): {} -->", times.join(", "));
+            let shares: Vec<String> = (0..n)
+                .map(|i| {
+                    let (p, s) = (r.from_peers[i], r.from_seed[i]);
+                    format!("{:.2}", p as f64 / (p + s).max(1) as f64)
+                })
+                .collect();
+            println!("<!-- share from peers by host: {} -->", shares.join(", "));
         }
     }
 }
