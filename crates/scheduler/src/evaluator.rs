@@ -10,7 +10,7 @@
 
 /// What the evaluator knows about one candidate parent, relative to one child.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct ParentStats {
+pub struct ParentStats<'a> {
     pub is_seed: bool,
     /// Succeeded or downloading back-to-source / from its own parents.
     pub active: bool,
@@ -22,15 +22,15 @@ pub struct ParentStats {
     pub max_children: u32,
     pub max_tx_bps: u64,
     pub tx_bps: u64,
-    pub idc: Option<String>,
-    pub location: Option<String>,
+    pub idc: Option<&'a str>,
+    pub location: Option<&'a str>,
 }
 
 /// What the evaluator knows about the child and the swarm.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct ChildStats {
-    pub idc: Option<String>,
-    pub location: Option<String>,
+pub struct ChildStats<'a> {
+    pub idc: Option<&'a str>,
+    pub location: Option<&'a str>,
     /// Normal peers of the task holding at least one piece (the scheduler counts up to
     /// [`WARM_SWARM`]).
     pub warm_holders: u32,
@@ -48,12 +48,12 @@ pub const W_HOST_TYPE: f64 = 0.10;
 const LOCATION_LEVELS: usize = 5;
 
 /// The total score in `[0, 1]`; higher is better.
-pub fn score(parent: &ParentStats, child: &ChildStats) -> f64 {
+pub fn score(parent: &ParentStats<'_>, child: &ChildStats<'_>) -> f64 {
     W_LOAD * load_quality(parent.tx_bps, parent.max_tx_bps)
         + W_COVERAGE * coverage(parent)
         + W_SPREAD * spread(parent.children, parent.max_children)
-        + W_IDC * idc_affinity(parent.idc.as_deref(), child.idc.as_deref())
-        + W_LOCATION * location_affinity(parent.location.as_deref(), child.location.as_deref())
+        + W_IDC * idc_affinity(parent.idc, child.idc)
+        + W_LOCATION * location_affinity(parent.location, child.location)
         + W_HOST_TYPE * host_type(parent.is_seed, parent.active, child.warm_holders)
 }
 
@@ -71,7 +71,7 @@ pub fn load_quality(tx_bps: u64, max_tx_bps: u64) -> f64 {
 
 /// Share of the child's missing pieces the parent can give now. A parent that is active but
 /// holds nothing new yet gets a small credit: it will have pieces soon.
-pub fn coverage(parent: &ParentStats) -> f64 {
+pub fn coverage(parent: &ParentStats<'_>) -> f64 {
     if parent.child_missing == 0 {
         return if parent.active { 0.5 } else { 0.0 };
     }
@@ -289,7 +289,7 @@ mod tests {
     #[test]
     fn same_idc_breaks_a_tie() {
         let child = ChildStats {
-            idc: Some("a".into()),
+            idc: Some("a"),
             ..Default::default()
         };
         let base = ParentStats {
@@ -300,7 +300,7 @@ mod tests {
             ..Default::default()
         };
         let near = ParentStats {
-            idc: Some("a".into()),
+            idc: Some("a"),
             ..base.clone()
         };
         assert!(score(&near, &child) > score(&base, &child));

@@ -123,10 +123,6 @@ impl Host {
             .as_ref()
             .map_or(0, |n| n.max_rx_bandwidth)
     }
-
-    fn network(&self) -> common::Network {
-        self.proto.network.clone().unwrap_or_default()
-    }
 }
 
 /// What the scheduler knows of one task.
@@ -382,6 +378,13 @@ impl Peer {
             evaluator::is_bad_by_costs(&self.costs.iter().copied().collect::<Vec<_>>())
         }
     }
+}
+
+/// A host's announced network, or an empty one (every rate unknown) when it announced none.
+fn network_of(host: Option<&Host>) -> &common::Network {
+    static UNKNOWN: std::sync::OnceLock<common::Network> = std::sync::OnceLock::new();
+    host.and_then(|h| h.proto.network.as_ref())
+        .unwrap_or_else(|| UNKNOWN.get_or_init(common::Network::default))
 }
 
 /// What a peer adds to its task's counters.
@@ -835,19 +838,19 @@ impl Resources {
     }
 
     /// Builds the candidate snapshot of `parent_id` relative to `child`.
-    fn candidate(
-        &self,
-        parent: &Peer,
+    fn candidate<'a>(
+        &'a self,
+        parent: &'a Peer,
         child: &Peer,
         child_rx_bps: u64,
         missing: u32,
         limits: &Limits,
-    ) -> Candidate {
+    ) -> Candidate<'a> {
         let host = self.hosts.get(&parent.host_id);
-        let network = host.map(Host::network).unwrap_or_default();
+        let network = network_of(host);
         Candidate {
-            peer_id: parent.id.clone(),
-            host_id: parent.host_id.clone(),
+            peer_id: &parent.id,
+            host_id: &parent.host_id,
             state: parent.state,
             disable_shared: host.is_some_and(|h| h.proto.disable_shared),
             in_degree: parent.parents.len() as u32,
@@ -880,8 +883,8 @@ impl Resources {
                 ),
                 max_tx_bps: network.max_tx_bandwidth,
                 tx_bps: network.tx_bandwidth.unwrap_or(0),
-                idc: network.idc,
-                location: network.location,
+                idc: network.idc.as_deref(),
+                location: network.location.as_deref(),
             },
         }
     }
@@ -942,15 +945,14 @@ impl Resources {
                 .collect();
             sampled.extend(current.into_iter().cloned());
         }
-        let child_host = self.hosts.get(&child.host_id);
-        let child_net = child_host.map(Host::network).unwrap_or_default();
+        let child_net = network_of(self.hosts.get(&child.host_id));
         let child_rx_bps = child_net.max_rx_bandwidth;
         let stats = ChildStats {
-            idc: child_net.idc,
-            location: child_net.location,
+            idc: child_net.idc.as_deref(),
+            location: child_net.location.as_deref(),
             warm_holders: self.warm_holders(&sampled),
         };
-        let candidates: Vec<Candidate> = sampled
+        let candidates: Vec<Candidate<'_>> = sampled
             .iter()
             .filter_map(|id| self.peers.get(id))
             .map(|p| {
@@ -962,15 +964,12 @@ impl Resources {
                 c
             })
             .collect();
-        let blocklist = child.blocklist.clone();
-        let child_host_id = child.host_id.clone();
         let sampled_count = candidates.len();
-        let current = child.parents.clone();
         let (mut ranked, rejections) = scheduling::rank(
             &Child {
                 peer_id: child_id,
-                host_id: &child_host_id,
-                blocklist: &blocklist,
+                host_id: &child.host_id,
+                blocklist: &child.blocklist,
                 stats,
             },
             candidates,
@@ -979,15 +978,16 @@ impl Resources {
         // Keep current parents unless clearly beaten: a new parent costs the child new
         // connections and a fresh piece sync.
         for (c, score) in ranked.iter_mut() {
-            if current.contains(&c.peer_id) {
+            if child.parents.contains(c.peer_id) {
                 *score += STICKY_BONUS;
             }
         }
         scheduling::sort_ranked(&mut ranked);
 
-        let previous: Vec<String> = self.peers[child_id].parents.iter().cloned().collect();
-        self.clear_parents(child_id);
-        let mut chosen = Vec::new();
+        // Decided on the graph as it is, then applied: the searches below walk the child's
+        // descendants and its candidates' ancestors around the child, which neither the
+        // child's old in-edges nor its new ones change.
+        let mut chosen: Vec<&str> = Vec::new();
         let mut below = 0usize; // candidates with nothing now that feed only through the child
         let mut reach: Option<Reach> = None; // the child's descendants, when needed
         let mut covered = 0.0; // the share of the child's download the chosen parents cover
@@ -1014,7 +1014,7 @@ impl Resources {
             // they should.
             let fed_through_child = empty_running
                 && reach.as_ref().is_some_and(|r| {
-                    r.contains(&id) && !self.fed_from_outside(&id, child_id, REACH_BUDGET)
+                    r.contains(id) && !self.fed_from_outside(id, child_id, REACH_BUDGET)
                 });
             if fed_through_child {
                 below += 1;
@@ -1026,7 +1026,6 @@ impl Resources {
                 child_rx_bps,
                 limits.fill(),
             );
-            self.add_edge(&id, child_id);
             chosen.push(id);
         }
         if chosen.is_empty() {
@@ -1039,11 +1038,14 @@ impl Resources {
                 "no parent chosen"
             );
             // Nothing better: keep the parents it had (the child still uses them).
-            for id in previous {
-                if self.peers.contains_key(&id) {
-                    self.add_edge(&id, child_id);
-                }
-            }
+            return Ok(Scheduled {
+                parents: Vec::new(),
+            });
+        }
+        let chosen: Vec<String> = chosen.into_iter().map(str::to_string).collect();
+        self.clear_parents(child_id);
+        for id in &chosen {
+            self.add_edge(id, child_id);
         }
         Ok(Scheduled { parents: chosen })
     }

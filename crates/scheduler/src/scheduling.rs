@@ -40,16 +40,16 @@ impl PeerState {
 
 /// One candidate parent as the filter sees it.
 #[derive(Debug, Clone)]
-pub struct Candidate {
-    pub peer_id: String,
-    pub host_id: String,
+pub struct Candidate<'a> {
+    pub peer_id: &'a str,
+    pub host_id: &'a str,
     pub state: PeerState,
     pub disable_shared: bool,
     /// Number of parents it has now.
     pub in_degree: u32,
     /// Reported by a child as serving corrupt data, or its piece costs are outliers.
     pub bad: bool,
-    pub stats: ParentStats,
+    pub stats: ParentStats<'a>,
 }
 
 /// The child being scheduled.
@@ -58,10 +58,10 @@ pub struct Child<'a> {
     pub peer_id: &'a str,
     pub host_id: &'a str,
     pub blocklist: &'a HashSet<String>,
-    pub stats: ChildStats,
+    pub stats: ChildStats<'a>,
 }
 
-impl Candidate {
+impl Candidate<'_> {
     /// At its children cap (seed peers included).
     pub fn is_full(&self) -> bool {
         self.stats.children >= self.stats.max_children
@@ -85,14 +85,14 @@ pub enum Rejection {
 }
 
 /// Whether `candidate` may be a parent of `child` (the cycle check is separate).
-pub fn filter(child: &Child<'_>, candidate: &Candidate) -> Result<(), Rejection> {
+pub fn filter(child: &Child<'_>, candidate: &Candidate<'_>) -> Result<(), Rejection> {
     if candidate.peer_id == child.peer_id {
         return Err(Rejection::Itself);
     }
     if candidate.host_id == child.host_id {
         return Err(Rejection::SameHost);
     }
-    if child.blocklist.contains(&candidate.peer_id) {
+    if child.blocklist.contains(candidate.peer_id) {
         return Err(Rejection::Blocklisted);
     }
     if candidate.disable_shared {
@@ -239,13 +239,13 @@ pub type Rejections = HashMap<Rejection, usize>;
 /// cap follow them: the caller's last resort (it takes one only when no open candidate
 /// could be used, e.g. all are the child's descendants). Ties keep the input order, which
 /// the caller randomises, so equal parents share the load.
-pub fn rank(
+pub fn rank<'a>(
     child: &Child<'_>,
-    candidates: Vec<Candidate>,
+    candidates: Vec<Candidate<'a>>,
     allow_full: bool,
-) -> (Vec<(Candidate, f64)>, Rejections) {
+) -> (Vec<(Candidate<'a>, f64)>, Rejections) {
     let mut rejections = Rejections::new();
-    let mut ranked: Vec<(Candidate, f64)> = candidates
+    let mut ranked: Vec<(Candidate<'a>, f64)> = candidates
         .into_iter()
         .filter(|c| match filter(child, c) {
             Ok(()) => true,
@@ -264,7 +264,7 @@ pub fn rank(
 }
 
 /// Open candidates first, then full ones; best score first within each.
-pub fn sort_ranked(ranked: &mut [(Candidate, f64)]) {
+pub fn sort_ranked(ranked: &mut [(Candidate<'_>, f64)]) {
     ranked.sort_by(|a, b| a.0.is_full().cmp(&b.0.is_full()).then(b.1.total_cmp(&a.1)));
 }
 
@@ -272,10 +272,10 @@ pub fn sort_ranked(ranked: &mut [(Candidate, f64)]) {
 mod tests {
     use super::*;
 
-    fn cand(id: &str, host: &str, state: PeerState) -> Candidate {
+    fn cand<'a>(id: &'a str, host: &'a str, state: PeerState) -> Candidate<'a> {
         Candidate {
-            peer_id: id.into(),
-            host_id: host.into(),
+            peer_id: id,
+            host_id: host,
             state,
             disable_shared: false,
             in_degree: 1,
@@ -470,7 +470,7 @@ mod tests {
         busy.stats.tx_bps = 90;
         let same_host = cand("twin", "my-host", PeerState::Succeeded);
         let (ranked, _) = rank(&child, vec![poor, same_host, busy, rich], false);
-        let ids: Vec<&str> = ranked.iter().map(|(c, _)| c.peer_id.as_str()).collect();
+        let ids: Vec<&str> = ranked.iter().map(|(c, _)| c.peer_id).collect();
         // A saturated parent ranks below an idle one holding less.
         assert_eq!(ids, ["rich", "poor", "busy"]);
     }
@@ -484,7 +484,7 @@ mod tests {
             blocklist: &none,
             stats: ChildStats::default(),
         };
-        let full = |id: &str, seed: bool| {
+        let full = |id: &'static str, seed: bool| {
             let mut c = cand(id, id, PeerState::Succeeded);
             c.stats.children = c.stats.max_children;
             c.stats.is_seed = seed;
@@ -492,8 +492,8 @@ mod tests {
         };
         let mut bad = full("bad", false);
         bad.bad = true;
-        let ids = |r: Vec<(Candidate, f64)>| -> Vec<String> {
-            let mut v: Vec<String> = r.into_iter().map(|(c, _)| c.peer_id).collect();
+        let ids = |r: Vec<(Candidate<'_>, f64)>| -> Vec<String> {
+            let mut v: Vec<String> = r.into_iter().map(|(c, _)| c.peer_id.to_string()).collect();
             v.sort();
             v
         };

@@ -866,7 +866,12 @@ mod tests {
         let differ = (0..a.finished.len())
             .filter(|i| a.finished[*i] != b.finished[*i] || a.from_seed[*i] != b.from_seed[*i])
             .count();
-        assert_eq!(differ, 0, "hosts whose runs differ, of {}", a.finished.len());
+        assert_eq!(
+            differ,
+            0,
+            "hosts whose runs differ, of {}",
+            a.finished.len()
+        );
         assert_eq!(a.schedules, b.schedules);
     }
 
