@@ -214,6 +214,12 @@ pub struct Scheduling {
     /// they arrive cost a hop little; 4 keeps a seed's child taking 3/4 of its bytes from
     /// other peers (2 gives half) (BENCHMARKS.md, issue 13).
     pub parents_per_child: u32,
+    /// Extension: rate the hosts whose announced bandwidth limits say nothing (0, or at or
+    /// above 400 Gbit/s: the daemons' 50 GB/s default) by the pieces their peers report:
+    /// the highest rate over two seconds, with headroom. Off by default: on emulated hosts
+    /// it kept unequal links within their rules where the default missed them, but
+    /// slowed equal links (their windowed rates differ by chance) (BENCHMARKS.md, issue 13).
+    pub measure_rates: bool,
     /// Extension: the largest task (content length) a registration may announce; bounds
     /// the piece count, and so the memory, of every task.
     pub max_content_length: bytesize::ByteSize,
@@ -238,6 +244,7 @@ impl Default for Scheduling {
             filter_parent_limit: 40,
             max_children_per_parent: 8,
             parents_per_child: 4,
+            measure_rates: false,
             max_content_length: bytesize::ByteSize::tib(10),
             verify_host_ip: true,
             gc: SchedulerGc::default(),

@@ -102,7 +102,18 @@ pub struct Host {
     pub observed_ip: Option<IpAddr>,
     pub announced_at: Instant,
     pub peers: HashSet<String>,
+    /// Its upload and download as the pieces reported show them (see [`Meter`]); used in
+    /// place of announced rates that say nothing when [`Resources::measure_rates`] is on.
+    pub tx_meter: Meter,
+    pub rx_meter: Meter,
+    /// Whether the meters stand in for the announced rates (the resources' setting).
+    measured: bool,
 }
+
+/// Announced rates at or above this say nothing about a link: the daemons' default
+/// limits (ours 50 GB/s, exactly this; upstream's 50 GiB/s) are what a host nobody
+/// configured announces.
+pub const UNCONFIGURED_RATE_BPS: u64 = 400_000_000_000;
 
 impl Host {
     pub fn from_proto(proto: common::Host) -> Host {
@@ -113,15 +124,86 @@ impl Host {
             observed_ip: None,
             announced_at: Instant::now(),
             peers: HashSet::new(),
+            tx_meter: Meter::default(),
+            rx_meter: Meter::default(),
+            measured: false,
         }
     }
 
-    /// The announced download rate (0: unknown).
+    /// The download rate the scheduler goes by (0: unknown).
     fn rx_bps(&self) -> u64 {
-        self.proto
+        let announced = self
+            .proto
             .network
             .as_ref()
-            .map_or(0, |n| n.max_rx_bandwidth)
+            .map_or(0, |n| n.max_rx_bandwidth);
+        self.rate(announced, &self.rx_meter)
+    }
+
+    /// The upload rate the scheduler goes by (0: unknown).
+    fn tx_bps(&self) -> u64 {
+        let announced = self
+            .proto
+            .network
+            .as_ref()
+            .map_or(0, |n| n.max_tx_bandwidth);
+        self.rate(announced, &self.tx_meter)
+    }
+
+    /// The announced rate when it says something; else, when measuring, the meter's
+    /// estimate (0, unknown, until it has one).
+    fn rate(&self, announced: u64, meter: &Meter) -> u64 {
+        if !self.measured || (announced != 0 && announced < UNCONFIGURED_RATE_BPS) {
+            announced
+        } else {
+            meter.estimate_bps()
+        }
+    }
+}
+
+/// A link's rate as the pieces reported over it show it: the highest rate over a window
+/// of [`Meter::WINDOW`] seconds. A lower bound of the link (it shows only what the swarm
+/// asked of it), so the estimate asks [`Meter::HEADROOM`] more: a parent given children
+/// by it can show more, and its estimate grows while the use follows, up to the link.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Meter {
+    /// Start of the current window (seconds on the caller's clock), once a report came.
+    start: Option<f64>,
+    /// Bytes reported since `start`.
+    bytes: u64,
+    /// The highest windowed rate so far (bits per second).
+    peak_bps: f64,
+}
+
+impl Meter {
+    pub const WINDOW: f64 = 2.0;
+    pub const HEADROOM: f64 = 1.5;
+
+    /// Records `bytes` ending at `now`. True when the estimate changed. The first report
+    /// only starts the window: its bytes moved before it.
+    pub fn add(&mut self, now: f64, bytes: u64) -> bool {
+        let Some(start) = self.start else {
+            self.start = Some(now);
+            return false;
+        };
+        self.bytes = self.bytes.saturating_add(bytes);
+        let span = now - start;
+        if span < Self::WINDOW {
+            return false;
+        }
+        let rate = self.bytes as f64 * 8.0 / span;
+        self.start = Some(now);
+        self.bytes = 0;
+        if rate > self.peak_bps {
+            self.peak_bps = rate;
+            return true;
+        }
+        false
+    }
+
+    /// The rate to go by (0 until a window closed).
+    pub fn estimate_bps(&self) -> u64 {
+        (self.peak_bps * Self::HEADROOM) as u64
     }
 }
 
@@ -481,6 +563,9 @@ pub struct Resources {
     /// The peer last handed out by [`Resources::peer_mut`] and what it counted as then: its
     /// change is not in its task's counters yet.
     pending: Option<(String, Counted)>,
+    /// Hosts whose announced rates say nothing are rated by what their pieces show
+    /// ([`Host::tx_meter`], [`Host::rx_meter`]).
+    pub measure_rates: bool,
 }
 
 /// Domain failures of resource operations.
@@ -520,7 +605,39 @@ impl Resources {
                 }
             }
             None => {
-                self.hosts.insert(proto.id.clone(), Host::from_proto(proto));
+                let mut host = Host::from_proto(proto);
+                host.measured = self.measure_rates;
+                self.hosts.insert(host.id.clone(), host);
+            }
+        }
+    }
+
+    /// A child reported a piece of `bytes` at `now` (seconds, the caller's clock), from a
+    /// parent on `parent_host` (none: from the origin). Feeds the hosts' meters; when a
+    /// download estimate changes, the child host's peers' rates follow.
+    pub fn observe_piece(
+        &mut self,
+        child_host: &str,
+        parent_host: Option<&str>,
+        bytes: u64,
+        now: f64,
+    ) {
+        if !self.measure_rates {
+            return;
+        }
+        if let Some(host) = parent_host.and_then(|h| self.hosts.get_mut(h)) {
+            host.tx_meter.add(now, bytes);
+        }
+        let Some(host) = self.hosts.get_mut(child_host) else {
+            return;
+        };
+        let old_rx = host.rx_bps();
+        host.rx_meter.add(now, bytes);
+        let rx = host.rx_bps();
+        if rx != old_rx {
+            let peers: Vec<String> = host.peers.iter().cloned().collect();
+            for id in peers {
+                self.set_rx(&id, rx);
             }
         }
     }
@@ -848,6 +965,7 @@ impl Resources {
     ) -> Candidate<'a> {
         let host = self.hosts.get(&parent.host_id);
         let network = network_of(host);
+        let tx_bps = host.map_or(0, Host::tx_bps);
         Candidate {
             peer_id: &parent.id,
             host_id: &parent.host_id,
@@ -869,7 +987,7 @@ impl Resources {
                 // Counted without the child itself (its own edge is about to be replaced;
                 // the caller takes it off `children`).
                 max_children: scheduling::children_cap_by_load(
-                    network.max_tx_bandwidth,
+                    tx_bps,
                     child_rx_bps,
                     {
                         let mut others = parent.children_rx;
@@ -881,7 +999,7 @@ impl Resources {
                     limits.fill(),
                     limits.max_children,
                 ),
-                max_tx_bps: network.max_tx_bandwidth,
+                max_tx_bps: tx_bps,
                 tx_bps: network.tx_bandwidth.unwrap_or(0),
                 idc: network.idc.as_deref(),
                 location: network.location.as_deref(),
@@ -945,8 +1063,9 @@ impl Resources {
                 .collect();
             sampled.extend(current.into_iter().cloned());
         }
-        let child_net = network_of(self.hosts.get(&child.host_id));
-        let child_rx_bps = child_net.max_rx_bandwidth;
+        let child_host = self.hosts.get(&child.host_id);
+        let child_net = network_of(child_host);
+        let child_rx_bps = child_host.map_or(0, Host::rx_bps);
         let stats = ChildStats {
             idc: child_net.idc.as_deref(),
             location: child_net.location.as_deref(),
@@ -1208,7 +1327,15 @@ mod tests {
 
     /// A task "t" with a seed holding everything and `n` normal peers with no pieces.
     fn swarm(n: usize, pieces: u32) -> Resources {
-        let mut r = Resources::default();
+        swarm_measured(n, pieces, false)
+    }
+
+    /// [`swarm`], rating unconfigured hosts by their meters when `measure`.
+    fn swarm_measured(n: usize, pieces: u32, measure: bool) -> Resources {
+        let mut r = Resources {
+            measure_rates: measure,
+            ..Default::default()
+        };
         r.announce_host(host("seed-host", true));
         r.register_peer("seed-host", "t", "seed", &download(pieces as u64))
             .unwrap();
@@ -1458,6 +1585,102 @@ mod tests {
         }
         let got = r.schedule("p5", &limits, &mut rng).unwrap().parents;
         assert_eq!(got.len(), 2, "{got:?}");
+    }
+
+    #[test]
+    fn meter_table() {
+        // (reports as (time s, bytes), estimate in bit/s after them)
+        let cases: &[(&[(f64, u64)], u64)] = &[
+            (&[], 0),
+            // The first report only starts the window.
+            (&[(0.0, 1_000_000)], 0),
+            // A window not yet closed.
+            (&[(0.0, 0), (1.0, 1_000_000)], 0),
+            // 5 MB over 2 s: 20 Mbit/s, estimated with headroom.
+            (&[(0.0, 0), (1.0, 2_500_000), (2.0, 2_500_000)], 30_000_000),
+            // A slower window later keeps the peak.
+            (&[(0.0, 0), (2.0, 5_000_000), (4.0, 1_000_000)], 30_000_000),
+            // A faster one raises it: 10 MB over 2.5 s, 32 Mbit/s.
+            (
+                &[
+                    (0.0, 0),
+                    (2.0, 5_000_000),
+                    (3.0, 5_000_000),
+                    (4.5, 5_000_000),
+                ],
+                48_000_000,
+            ),
+        ];
+        for (reports, want) in cases {
+            let mut m = Meter::default();
+            for (t, b) in *reports {
+                m.add(*t, *b);
+            }
+            assert_eq!(m.estimate_bps(), *want, "{reports:?}");
+        }
+    }
+
+    #[test]
+    fn measured_rates_stand_in_only_for_announcements_that_say_nothing() {
+        const M: u64 = 1_000_000;
+        for measure in [false, true] {
+            let mut r = swarm_measured(3, 8, measure);
+            // h0 announced its link, h1 the daemons' default, h2 nothing.
+            r.announce_host(rated_host("h0", false, 100 * M));
+            r.announce_host(rated_host("h1", false, UNCONFIGURED_RATE_BPS));
+            r.add_edge("p0", "p1");
+            r.add_edge("p0", "p2");
+            for h in ["h0", "h1", "h2"] {
+                // 5 MB down over 2 s: 20 Mbit/s, 30 with headroom.
+                r.observe_piece(h, None, 0, 0.0);
+                r.observe_piece(h, None, 5_000_000, 2.0);
+            }
+            r.check_invariants().unwrap();
+            let rx = |r: &Resources, h: &str| r.hosts[h].rx_bps();
+            assert_eq!(rx(&r, "h0"), 100 * M, "an announced link is believed");
+            if measure {
+                assert_eq!(rx(&r, "h1"), 30 * M);
+                assert_eq!(rx(&r, "h2"), 30 * M);
+                // The parent's sum of its children's rates followed the estimates.
+                assert_eq!(r.peers["p0"].children_rx.known_bps, 60 * M);
+            } else {
+                assert_eq!(rx(&r, "h1"), UNCONFIGURED_RATE_BPS);
+                assert_eq!(rx(&r, "h2"), 0);
+            }
+        }
+    }
+
+    #[test]
+    fn measured_slow_parents_give_a_fast_child_more_of_them() {
+        // Nobody announced a rate. The child's host measured 200 Mbit/s down, every
+        // parent's 25 Mbit/s up: a parent covers an eighth of the child, so it gets the
+        // ceiling of parents, not parentsPerChild of them.
+        let limits = Limits {
+            candidate_parents: 8,
+            filter_parents: 40,
+            max_children: 8,
+            parents_per_child: 4,
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        for measure in [false, true] {
+            let mut r = swarm_measured(9, 8, measure);
+            for i in 1..9 {
+                let p = r.peer_mut(&format!("p{i}")).unwrap();
+                p.state = PeerState::Succeeded;
+                for n in 0..8 {
+                    p.pieces.insert(n);
+                }
+                let h = format!("h{i}");
+                r.observe_piece("elsewhere", Some(&h), 0, 0.0);
+                r.observe_piece("elsewhere", Some(&h), 6_250_000, 2.0);
+            }
+            r.observe_piece("h0", None, 0, 0.0);
+            r.observe_piece("h0", None, 50_000_000, 2.0);
+            r.peer_mut("seed").unwrap().state = PeerState::Failed;
+            let got = r.schedule("p0", &limits, &mut rng).unwrap().parents;
+            assert_eq!(got.len(), if measure { 8 } else { 4 }, "{got:?}");
+            r.check_invariants().unwrap();
+        }
     }
 
     #[test]

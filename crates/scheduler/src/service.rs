@@ -135,6 +135,8 @@ pub struct Service {
     dynamic: std::sync::RwLock<Dynamic>,
     state: Mutex<State>,
     pub metrics: Arc<Metrics>,
+    /// The clock of the hosts' rate meters.
+    started: Instant,
 }
 
 /// The settings that follow the cluster config.
@@ -183,11 +185,14 @@ impl Service {
             seeds,
             seed_tls: tls,
         };
+        let mut state = State::default();
+        state.res.measure_rates = config.scheduler.measure_rates;
         Arc::new(Service {
             config,
             dynamic: std::sync::RwLock::new(dynamic),
-            state: Mutex::default(),
+            state: Mutex::new(state),
             metrics,
+            started: Instant::now(),
         })
     }
 
@@ -1011,6 +1016,20 @@ impl Service {
                 .unwrap_or_default()
             {
                 st.res.remove_edge(&id, &child);
+            }
+        }
+        if st.res.measure_rates {
+            let child_host = st.res.peers.get(peer_id).map(|p| p.host_id.clone());
+            let parent_host = piece
+                .parent_id
+                .as_deref()
+                .filter(|_| !from_source)
+                .and_then(|id| st.res.peers.get(id))
+                .map(|p| p.host_id.clone());
+            if let Some(child_host) = child_host {
+                let now = self.started.elapsed().as_secs_f64();
+                st.res
+                    .observe_piece(&child_host, parent_host.as_deref(), piece.length, now);
             }
         }
         if let Ok(peer) = st.res.peer_mut(peer_id) {

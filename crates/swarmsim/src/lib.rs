@@ -72,6 +72,9 @@ pub struct Scenario {
     pub dt: f64,
     /// Hosts announce their link rates to the scheduler (else the scheduler sees none).
     pub announce_rates: bool,
+    /// The scheduler rates hosts that announce none by what their pieces show
+    /// (`Resources::measure_rates`), from the piece reports the simulator makes.
+    pub measure_rates: bool,
     /// Fetches in flight per peer.
     pub concurrency: usize,
     /// Share of a link's rate that carries payload (the rest is TCP/IP and Ethernet
@@ -107,6 +110,7 @@ impl Scenario {
             refresh_max: 4.0,
             dt: 0.01,
             announce_rates: true,
+            measure_rates: false,
             concurrency: 16,
             goodput: TCP_GOODPUT,
             ack_share: ACK_SHARE,
@@ -294,6 +298,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
 
     let mut rng = SmallRng::seed_from_u64(sc.rng_seed);
     let mut res = Resources::default();
+    res.measure_rates = sc.measure_rates;
     let host_proto = |i: usize, seed_host: bool, upb: f64, downb: f64| common::Host {
         id: format!("h{i}"),
         r#type: seed_host as u32,
@@ -774,6 +779,15 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                     report.from_peers[f.to] += f.bytes;
                 }
                 let done = node.picker.is_done();
+                // The piece report: the scheduler's meters see it.
+                res.observe_piece(
+                    &format!("h{}", f.to),
+                    (f.from != origin)
+                        .then(|| format!("h{}", f.from))
+                        .as_deref(),
+                    f.bytes,
+                    t,
+                );
                 {
                     let peer = res.peer_mut(&peer_id(f.to)).expect("alive");
                     peer.pieces.insert(f.piece);

@@ -615,6 +615,7 @@ fn scenario(
 ) -> d7y_swarmsim::Scenario {
     let mut sc = d7y_swarmsim::Scenario::equal(rates.len(), size, seed_bps);
     sc.limits = d7y_scheduler::resource::Limits::from(scheduling);
+    sc.measure_rates = scheduling.measure_rates;
     sc.piece_length = d7y_types::piece::piece_length_for(size);
     sc.seed_up_bps = seed_bps;
     for (h, (r, j)) in sc.hosts.iter_mut().zip(rates.iter().zip(joins)) {
