@@ -216,9 +216,10 @@ pub struct Scheduling {
     pub parents_per_child: u32,
     /// Extension: rate the hosts whose announced bandwidth limits say nothing (0, or at or
     /// above 400 Gbit/s: the daemons' 50 GB/s default) by the pieces their peers report:
-    /// the highest rate over two seconds, with headroom. Off by default: on emulated hosts
-    /// it kept unequal links within their rules where the default missed them, but
-    /// slowed equal links (their windowed rates differ by chance) (BENCHMARKS.md, issue 13).
+    /// the highest rate over six seconds, with headroom. Off by default: on emulated hosts
+    /// it kept unequal links within their rules where the default missed them, and
+    /// with six-second windows equal links about as fast as without it, in too few runs
+    /// yet to make it the default (BENCHMARKS.md, issue 13).
     pub measure_rates: bool,
     /// Extension: the largest task (content length) a registration may announce; bounds
     /// the piece count, and so the memory, of every task.
