@@ -106,8 +106,6 @@ pub struct Host {
     /// place of announced rates that say nothing when [`Resources::measure_rates`] is on.
     pub tx_meter: Meter,
     pub rx_meter: Meter,
-    /// Whether the meters stand in for the announced rates (the resources' setting).
-    measured: bool,
 }
 
 /// Announced rates at or above this say nothing about a link: the daemons' default
@@ -126,38 +124,43 @@ impl Host {
             peers: HashSet::new(),
             tx_meter: Meter::default(),
             rx_meter: Meter::default(),
-            measured: false,
         }
     }
 
-    /// The download rate the scheduler goes by (0: unknown).
-    fn rx_bps(&self) -> u64 {
-        let announced = self
-            .proto
-            .network
-            .as_ref()
-            .map_or(0, |n| n.max_rx_bandwidth);
-        self.rate(announced, &self.rx_meter)
+    /// The download rate the scheduler goes by (0: unknown); `measure`:
+    /// [`Resources::measure_rates`].
+    fn rx_bps(&self, measure: bool) -> u64 {
+        rate(
+            network_of(Some(self)).max_rx_bandwidth,
+            &self.rx_meter,
+            measure,
+        )
     }
 
-    /// The upload rate the scheduler goes by (0: unknown).
-    fn tx_bps(&self) -> u64 {
-        let announced = self
-            .proto
-            .network
-            .as_ref()
-            .map_or(0, |n| n.max_tx_bandwidth);
-        self.rate(announced, &self.tx_meter)
+    /// The upload rate the scheduler goes by (0: unknown), as [`Host::rx_bps`].
+    fn tx_bps(&self, measure: bool) -> u64 {
+        rate(
+            network_of(Some(self)).max_tx_bandwidth,
+            &self.tx_meter,
+            measure,
+        )
     }
+}
 
-    /// The announced rate when it says something; else, when measuring, the meter's
-    /// estimate (0, unknown, until it has one).
-    fn rate(&self, announced: u64, meter: &Meter) -> u64 {
-        if !self.measured || (announced != 0 && announced < UNCONFIGURED_RATE_BPS) {
-            announced
-        } else {
-            meter.estimate_bps()
-        }
+/// A host's announced network, or an empty one (every rate unknown) when it announced none.
+fn network_of(host: Option<&Host>) -> &common::Network {
+    static UNKNOWN: std::sync::OnceLock<common::Network> = std::sync::OnceLock::new();
+    host.and_then(|h| h.proto.network.as_ref())
+        .unwrap_or_else(|| UNKNOWN.get_or_init(common::Network::default))
+}
+
+/// The announced rate when it says something; else, when measuring, the meter's estimate
+/// (0, unknown, until it has one).
+fn rate(announced: u64, meter: &Meter, measure: bool) -> u64 {
+    if !measure || (announced != 0 && announced < UNCONFIGURED_RATE_BPS) {
+        announced
+    } else {
+        meter.estimate_bps()
     }
 }
 
@@ -464,13 +467,6 @@ impl Peer {
     }
 }
 
-/// A host's announced network, or an empty one (every rate unknown) when it announced none.
-fn network_of(host: Option<&Host>) -> &common::Network {
-    static UNKNOWN: std::sync::OnceLock<common::Network> = std::sync::OnceLock::new();
-    host.and_then(|h| h.proto.network.as_ref())
-        .unwrap_or_else(|| UNKNOWN.get_or_init(common::Network::default))
-}
-
 /// What a peer adds to its task's counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Counted {
@@ -594,23 +590,33 @@ impl Resources {
     pub fn announce_host(&mut self, proto: common::Host) {
         match self.hosts.get_mut(&proto.id) {
             Some(host) => {
-                let old_rx = host.rx_bps();
                 host.is_seed = proto.r#type != 0;
+                let id = proto.id.clone();
                 host.proto = proto;
                 host.announced_at = Instant::now();
-                let rx = host.rx_bps();
-                if rx != old_rx {
-                    let peers: Vec<String> = host.peers.iter().cloned().collect();
-                    for id in peers {
-                        self.set_rx(&id, rx);
-                    }
-                }
+                self.host_rx_follows(&id);
             }
             None => {
-                let mut host = Host::from_proto(proto);
-                host.measured = self.measure_rates;
-                self.hosts.insert(host.id.clone(), host);
+                self.hosts.insert(proto.id.clone(), Host::from_proto(proto));
             }
+        }
+    }
+
+    /// A host's download rate may have changed (announced or measured): its peers' rates,
+    /// and so their parents' sums, follow.
+    fn host_rx_follows(&mut self, host_id: &str) {
+        let Some(host) = self.hosts.get(host_id) else {
+            return;
+        };
+        let rx = host.rx_bps(self.measure_rates);
+        let peers: Vec<String> = host
+            .peers
+            .iter()
+            .filter(|id| self.peers.get(*id).is_some_and(|p| p.rx_bps != rx))
+            .cloned()
+            .collect();
+        for id in peers {
+            self.set_rx(&id, rx);
         }
     }
 
@@ -633,14 +639,8 @@ impl Resources {
         let Some(host) = self.hosts.get_mut(child_host) else {
             return;
         };
-        let old_rx = host.rx_bps();
-        host.rx_meter.add(now, bytes);
-        let rx = host.rx_bps();
-        if rx != old_rx {
-            let peers: Vec<String> = host.peers.iter().cloned().collect();
-            for id in peers {
-                self.set_rx(&id, rx);
-            }
+        if host.rx_meter.add(now, bytes) {
+            self.host_rx_follows(child_host);
         }
     }
 
@@ -722,7 +722,10 @@ impl Resources {
             download.priority,
         );
         peer.need_back_to_source = download.need_back_to_source;
-        peer.rx_bps = self.hosts.get(host_id).map_or(0, Host::rx_bps);
+        peer.rx_bps = self
+            .hosts
+            .get(host_id)
+            .map_or(0, |h| h.rx_bps(self.measure_rates));
         self.next_seq = self.next_seq.wrapping_add(1);
         while self.by_seq.contains_key(&self.next_seq) {
             self.next_seq = self.next_seq.wrapping_add(1);
@@ -967,7 +970,7 @@ impl Resources {
     ) -> Candidate<'a> {
         let host = self.hosts.get(&parent.host_id);
         let network = network_of(host);
-        let tx_bps = host.map_or(0, Host::tx_bps);
+        let tx_bps = host.map_or(0, |h| h.tx_bps(self.measure_rates));
         Candidate {
             peer_id: &parent.id,
             host_id: &parent.host_id,
@@ -1067,7 +1070,7 @@ impl Resources {
         }
         let child_host = self.hosts.get(&child.host_id);
         let child_net = network_of(child_host);
-        let child_rx_bps = child_host.map_or(0, Host::rx_bps);
+        let child_rx_bps = child_host.map_or(0, |h| h.rx_bps(self.measure_rates));
         let stats = ChildStats {
             idc: child_net.idc.as_deref(),
             location: child_net.location.as_deref(),
@@ -1236,7 +1239,7 @@ impl Resources {
             if peer.children_rx != scheduling::ChildrenRx::of(rates) {
                 return Err(format!("peer {id}: children's rates out of sync"));
             }
-            if peer.rx_bps != host.rx_bps() {
+            if peer.rx_bps != host.rx_bps(self.measure_rates) {
                 return Err(format!("peer {id}: rate differs from its host's"));
             }
         }
@@ -1641,7 +1644,7 @@ mod tests {
                 r.observe_piece(h, None, 15_000_000, 6.0);
             }
             r.check_invariants().unwrap();
-            let rx = |r: &Resources, h: &str| r.hosts[h].rx_bps();
+            let rx = |r: &Resources, h: &str| r.hosts[h].rx_bps(r.measure_rates);
             assert_eq!(rx(&r, "h0"), 100 * M, "an announced link is believed");
             if measure {
                 assert_eq!(rx(&r, "h1"), 30 * M);

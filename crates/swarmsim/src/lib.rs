@@ -779,15 +779,18 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                     report.from_peers[f.to] += f.bytes;
                 }
                 let done = node.picker.is_done();
-                // The piece report: the scheduler's meters see it.
-                res.observe_piece(
-                    &format!("h{}", f.to),
-                    (f.from != origin)
-                        .then(|| format!("h{}", f.from))
-                        .as_deref(),
-                    f.bytes,
-                    t,
-                );
+                // The piece report: the scheduler's meters see it (the host IDs are built
+                // only when they do: this runs for every piece of every host).
+                if res.measure_rates {
+                    res.observe_piece(
+                        &format!("h{}", f.to),
+                        (f.from != origin)
+                            .then(|| format!("h{}", f.from))
+                            .as_deref(),
+                        f.bytes,
+                        t,
+                    );
+                }
                 {
                     let peer = res.peer_mut(&peer_id(f.to)).expect("alive");
                     peer.pieces.insert(f.piece);
