@@ -620,27 +620,49 @@ impl Resources {
         }
     }
 
-    /// A child reported a piece of `bytes` at `now` (seconds, the caller's clock), from a
-    /// parent on `parent_host` (none: from the origin). Feeds the hosts' meters; when a
-    /// download estimate changes, the child host's peers' rates follow.
+    /// Peer `child` reported piece `number`, `bytes` long, at `now` (seconds, the caller's
+    /// clock), from peer `parent` (none: from the origin). Feeds the hosts' meters; when a
+    /// download estimate changes, the child host's peers' rates follow. Call it before the
+    /// piece is added to the child's set.
+    ///
+    /// The report comes from the child, a stranger: only its first report of a piece counts
+    /// (a repeat moves no bytes), and a parent's upload is credited only when the scheduler
+    /// gave that parent to this child and it is on another host. A child can still overstate
+    /// its own download, or a given parent's upload by up to the task's size; that moves
+    /// children counts and parents only within the configured ceilings
+    /// (`maxChildrenPerParent`, `candidateParentLimit`).
     pub fn observe_piece(
         &mut self,
-        child_host: &str,
-        parent_host: Option<&str>,
+        child: &str,
+        number: u32,
+        parent: Option<&str>,
         bytes: u64,
         now: f64,
     ) {
         if !self.measure_rates {
             return;
         }
-        if let Some(host) = parent_host.and_then(|h| self.hosts.get_mut(h)) {
+        let Some(peer) = self.peers.get(child) else {
+            return;
+        };
+        if peer.pieces.contains(number) {
+            return;
+        }
+        let child_host = peer.host_id.clone();
+        let parent_host = parent
+            .filter(|p| peer.parents.contains(*p))
+            .and_then(|p| self.peers.get(p))
+            .map(|p| &p.host_id)
+            .filter(|h| **h != child_host)
+            .cloned();
+        if let Some(host) = parent_host.and_then(|h| self.hosts.get_mut(&h)) {
             host.tx_meter.add(now, bytes);
         }
-        let Some(host) = self.hosts.get_mut(child_host) else {
+        let Some(host) = self.hosts.get_mut(&child_host) else {
             return;
         };
         if host.rx_meter.add(now, bytes) {
-            self.host_rx_follows(child_host);
+            self.host_rx_follows(&child_host);
         }
     }
 
@@ -1638,10 +1660,10 @@ mod tests {
             r.announce_host(rated_host("h1", false, UNCONFIGURED_RATE_BPS));
             r.add_edge("p0", "p1");
             r.add_edge("p0", "p2");
-            for h in ["h0", "h1", "h2"] {
+            for p in ["p0", "p1", "p2"] {
                 // 15 MB down over 6 s: 20 Mbit/s, 30 with headroom.
-                r.observe_piece(h, None, 0, 0.0);
-                r.observe_piece(h, None, 15_000_000, 6.0);
+                r.observe_piece(p, 0, None, 0, 0.0);
+                r.observe_piece(p, 1, None, 15_000_000, 6.0);
             }
             r.check_invariants().unwrap();
             let rx = |r: &Resources, h: &str| r.hosts[h].rx_bps(r.measure_rates);
@@ -1671,24 +1693,132 @@ mod tests {
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         for measure in [false, true] {
-            let mut r = swarm_measured(9, 8, measure);
+            let mut r = swarm_measured(9, 16, measure);
+            // The parents' uploads are measured by what they gave another child, q.
+            r.announce_host(host("hq", false));
+            r.register_peer("hq", "t", "q", &download(16)).unwrap();
             for i in 1..9 {
-                let p = r.peer_mut(&format!("p{i}")).unwrap();
+                let id = format!("p{i}");
+                let p = r.peer_mut(&id).unwrap();
                 p.state = PeerState::Succeeded;
-                for n in 0..8 {
+                for n in 0..16 {
                     p.pieces.insert(n);
                 }
-                let h = format!("h{i}");
-                r.observe_piece("elsewhere", Some(&h), 0, 0.0);
-                r.observe_piece("elsewhere", Some(&h), 18_750_000, 6.0);
+                r.add_edge(&id, "q");
+                let n = 2 * (i - 1);
+                r.observe_piece("q", n, Some(&id), 0, 0.0);
+                r.observe_piece("q", n + 1, Some(&id), 18_750_000, 6.0);
             }
-            r.observe_piece("h0", None, 0, 0.0);
-            r.observe_piece("h0", None, 150_000_000, 6.0);
+            r.remove_peer("q");
+            r.observe_piece("p0", 0, None, 0, 0.0);
+            r.observe_piece("p0", 1, None, 150_000_000, 6.0);
             r.peer_mut("seed").unwrap().state = PeerState::Failed;
             let got = r.schedule("p0", &limits, &mut rng).unwrap().parents;
             assert_eq!(got.len(), if measure { 8 } else { 4 }, "{got:?}");
             r.check_invariants().unwrap();
         }
+    }
+
+    #[test]
+    fn a_hostile_child_moves_the_meters_only_by_pieces_it_was_given() {
+        // Child p0 (host h0) has parent p1 (host h1); p2 is on h2 but not its parent; p3
+        // shares p0's host. Each case is a run of reports by p0, then p1's host's upload
+        // estimate. The task has 8 pieces of 4 bytes, reported as 1 MB here to see rates.
+        const MB: u64 = 1_000_000;
+        type Report = (f64, u32, Option<&'static str>, u64);
+        let honest = (6 * MB * 8 / 6) * 3 / 2;
+        let cases: &[(&str, Vec<Report>, u64, u64)] = &[
+            (
+                "honest: piece 0 starts the window, six more in six seconds",
+                (0..7).map(|n| (n as f64, n, Some("p1"), MB)).collect(),
+                honest,
+                0,
+            ),
+            (
+                "one piece reported a thousand times counts once: 1 MB in 6 s",
+                std::iter::once((0.0, 0, Some("p1"), MB))
+                    .chain((0..1000).map(|i| (6.0 + i as f64 / 100.0, 1, Some("p1"), MB)))
+                    .collect(),
+                2 * MB,
+                0,
+            ),
+            (
+                "a parent the scheduler did not give is not credited",
+                (0..7).map(|n| (n as f64, n, Some("p2"), MB)).collect(),
+                0,
+                0,
+            ),
+            (
+                "nor a parent on the child's own host",
+                (0..7).map(|n| (n as f64, n, Some("p3"), MB)).collect(),
+                0,
+                0,
+            ),
+        ];
+        for (what, reports, want_h1, want_h2) in cases {
+            let mut r = swarm_measured(4, 8, true);
+            r.announce_host(host("h0", false));
+            r.register_peer("h0", "t", "p3", &download(8)).unwrap();
+            for p in ["p1", "p2", "p3"] {
+                let peer = r.peer_mut(p).unwrap();
+                peer.state = PeerState::Succeeded;
+                for n in 0..8 {
+                    peer.pieces.insert(n);
+                }
+            }
+            r.add_edge("p1", "p0");
+            for (now, n, parent, bytes) in reports {
+                r.observe_piece("p0", *n, *parent, *bytes, *now);
+                // The service records the piece after the report; so does this.
+                r.peer_mut("p0").unwrap().pieces.insert(*n);
+            }
+            let tx = |h: &str| r.hosts[h].tx_bps(true);
+            assert_eq!(tx("h1"), *want_h1, "{what}");
+            assert_eq!(tx("h2"), *want_h2, "{what}");
+            assert_eq!(tx("h0"), 0, "{what}");
+            r.check_invariants().unwrap();
+        }
+    }
+
+    #[test]
+    fn an_inflated_upload_estimate_gives_no_more_than_the_ceiling_of_children() {
+        // A child (or a colluding pair) made p1's host look like a terabit uploader: its
+        // children count still stops at maxChildrenPerParent.
+        let limits = Limits {
+            candidate_parents: 1,
+            filter_parents: 40,
+            max_children: 3,
+            parents_per_child: 1,
+        };
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut r = swarm_measured(12, 8, true);
+        r.announce_host(host("hq", false));
+        r.register_peer("hq", "t", "q", &download(8)).unwrap();
+        let p1 = r.peer_mut("p1").unwrap();
+        p1.state = PeerState::Succeeded;
+        for n in 0..8 {
+            p1.pieces.insert(n);
+        }
+        r.add_edge("p1", "q");
+        r.observe_piece("q", 0, Some("p1"), 0, 0.0);
+        r.observe_piece("q", 1, Some("p1"), 1 << 40, 6.0);
+        r.remove_peer("q");
+        assert!(r.hosts["h1"].tx_bps(true) > 1_000_000_000_000);
+        r.peer_mut("seed").unwrap().state = PeerState::Failed;
+        // The children announce 100 Mbit/s: by load, p1 could take ten thousand of them.
+        for i in (0..12).filter(|i| *i != 1) {
+            r.announce_host(rated_host(&format!("h{i}"), false, 100_000_000));
+        }
+        for i in (0..12).filter(|i| *i != 1) {
+            r.schedule(&format!("p{i}"), &limits, &mut rng).unwrap();
+            r.check_invariants().unwrap();
+        }
+        assert!(
+            r.peers["p1"].children.len() <= 3,
+            "{:?}",
+            r.peers["p1"].children
+        );
+        assert_eq!(r.peers["p1"].children.len(), 3);
     }
 
     #[test]

@@ -1019,18 +1019,10 @@ impl Service {
             }
         }
         if st.res.measure_rates {
-            let child_host = st.res.peers.get(peer_id).map(|p| p.host_id.clone());
-            let parent_host = piece
-                .parent_id
-                .as_deref()
-                .filter(|_| !from_source)
-                .and_then(|id| st.res.peers.get(id))
-                .map(|p| p.host_id.clone());
-            if let Some(child_host) = child_host {
-                let now = self.started.elapsed().as_secs_f64();
-                st.res
-                    .observe_piece(&child_host, parent_host.as_deref(), piece.length, now);
-            }
+            let now = self.started.elapsed().as_secs_f64();
+            let parent = piece.parent_id.as_deref().filter(|_| !from_source);
+            st.res
+                .observe_piece(peer_id, piece.number, parent, piece.length, now);
         }
         if let Ok(peer) = st.res.peer_mut(peer_id) {
             if outcome.right {

@@ -779,14 +779,13 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                     report.from_peers[f.to] += f.bytes;
                 }
                 let done = node.picker.is_done();
-                // The piece report: the scheduler's meters see it (the host IDs are built
+                // The piece report: the scheduler's meters see it (the peer IDs are built
                 // only when they do: this runs for every piece of every host).
                 if res.measure_rates {
                     res.observe_piece(
-                        &format!("h{}", f.to),
-                        (f.from != origin)
-                            .then(|| format!("h{}", f.from))
-                            .as_deref(),
+                        &peer_id(f.to),
+                        f.piece,
+                        (f.from != origin).then(|| peer_id(f.from)).as_deref(),
                         f.bytes,
                         t,
                     );
