@@ -216,10 +216,12 @@ pub struct Scheduling {
     pub parents_per_child: u32,
     /// Extension: rate the hosts whose announced bandwidth limits say nothing (0, or at or
     /// above 400 Gbit/s: the daemons' 50 GB/s default) by the pieces their peers report:
-    /// the highest rate over six seconds, with headroom. Off by default: on emulated hosts
-    /// it kept unequal links within their rules where the default missed them, and
-    /// with six-second windows equal links about as fast as without it, in too few runs
-    /// yet to make it the default (BENCHMARKS.md, issue 13).
+    /// the highest rate over six seconds, with headroom (a host's upload is rated by the
+    /// higher of its two meters: links are taken as symmetric unless announced). On by
+    /// default: on emulated hosts with no rates configured it kept every peer taking at
+    /// least half of its bytes from peers where the unmeasured scheduler missed that in a
+    /// third of the runs, and left equal links as fast (BENCHMARKS.md, issue 13). `false`
+    /// treats every unannounced host as equal.
     pub measure_rates: bool,
     /// Extension: the largest task (content length) a registration may announce; bounds
     /// the piece count, and so the memory, of every task.
@@ -245,7 +247,7 @@ impl Default for Scheduling {
             filter_parent_limit: 40,
             max_children_per_parent: 8,
             parents_per_child: 4,
-            measure_rates: false,
+            measure_rates: true,
             max_content_length: bytesize::ByteSize::tib(10),
             verify_host_ip: true,
             gc: SchedulerGc::default(),

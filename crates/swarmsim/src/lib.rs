@@ -73,7 +73,8 @@ pub struct Scenario {
     /// Hosts announce their link rates to the scheduler (else the scheduler sees none).
     pub announce_rates: bool,
     /// The scheduler rates hosts that announce none by what their pieces show
-    /// (`Resources::measure_rates`), from the piece reports the simulator makes.
+    /// (`Resources::measure_rates`, the scheduler's default), from the piece reports the
+    /// simulator makes.
     pub measure_rates: bool,
     /// Fetches in flight per peer.
     pub concurrency: usize,
@@ -110,7 +111,7 @@ impl Scenario {
             refresh_max: 4.0,
             dt: 0.01,
             announce_rates: true,
-            measure_rates: false,
+            measure_rates: true,
             concurrency: 16,
             goodput: TCP_GOODPUT,
             ack_share: ACK_SHARE,
@@ -318,6 +319,8 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
         ..Default::default()
     };
     let peer_id = |i: usize| format!("p{i}");
+    // Built once: the piece reports name them for every piece of every host.
+    let peer_ids: Vec<String> = (0..=n).map(peer_id).collect();
     res.announce_host(host_proto(seed, true, sc.seed_up_bps, sc.origin_bps));
     res.register_peer(&format!("h{seed}"), TASK, &peer_id(seed), &download)
         .expect("seed registers");
@@ -779,17 +782,14 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                     report.from_peers[f.to] += f.bytes;
                 }
                 let done = node.picker.is_done();
-                // The piece report: the scheduler's meters see it (the peer IDs are built
-                // only when they do: this runs for every piece of every host).
-                if res.measure_rates {
-                    res.observe_piece(
-                        &peer_id(f.to),
-                        f.piece,
-                        (f.from != origin).then(|| peer_id(f.from)).as_deref(),
-                        f.bytes,
-                        t,
-                    );
-                }
+                // The piece report: the scheduler's meters see it.
+                res.observe_piece(
+                    &peer_ids[f.to],
+                    f.piece,
+                    (f.from != origin).then(|| peer_ids[f.from].as_str()),
+                    f.bytes,
+                    t,
+                );
                 {
                     let peer = res.peer_mut(&peer_id(f.to)).expect("alive");
                     peer.pieces.insert(f.piece);

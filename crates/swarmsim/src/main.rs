@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release -p d7y-swarmsim -- [--peers 4,8,16] [--size-mib 256] [--rate-mbit 200]
 //!     [--shape equal|half|quarter] [--late 0.33] [--kill] [--dt 0.01] [--refresh 0.5] [--refresh-max 4]
-//!     [--no-rates] [--measure-rates] [--seed 1] [--max-children 8] [--candidate-parents 8]
+//!     [--no-rates] [--no-measure-rates] [--seed 1] [--max-children 8] [--candidate-parents 8]
 //!     [--parents-per-child 4] [--goodput 0.956]
 //! cargo run --release -p d7y-swarmsim -- --scheduler-cost --peers 1000,10000,100000
 //!     [--tasks 1,10000] [--pieces 256]
@@ -106,7 +106,7 @@ fn main() {
         sc.refresh = num("--refresh", 0.5);
         sc.refresh_max = num("--refresh-max", 4.0).max(sc.refresh);
         sc.announce_rates = !flag("--no-rates");
-        sc.measure_rates = flag("--measure-rates");
+        sc.measure_rates = !flag("--no-measure-rates");
         sc.rng_seed = num("--seed", 1.0) as u64;
         sc.goodput = num("--goodput", sc.goodput);
         sc.ack_share = num("--ack-share", sc.ack_share);
