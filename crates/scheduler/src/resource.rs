@@ -593,6 +593,13 @@ pub enum ResourceError {
 }
 
 impl Resources {
+    /// The upload and download rates (bits per second, 0: unknown) the scheduler goes by
+    /// for a host: announced, or measured when it measures.
+    pub fn host_rates_bps(&self, host_id: &str) -> Option<(u64, u64)> {
+        let h = self.hosts.get(host_id)?;
+        Some((h.tx_bps(self.measure_rates), h.rx_bps(self.measure_rates)))
+    }
+
     /// Adds or refreshes a host.
     pub fn announce_host(&mut self, proto: common::Host) {
         match self.hosts.get_mut(&proto.id) {

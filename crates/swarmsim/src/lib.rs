@@ -359,7 +359,8 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
     };
     // SWARMSIM_TRACE=1: link use, fetches and parents every half second, on stderr.
     let trace = std::env::var_os("SWARMSIM_TRACE").is_some();
-    // SWARMSIM_DUMP=T: every host's parents and fetches (piece<from@Mbit, ~ relayed) at T.
+    // SWARMSIM_DUMP=T: every host's parents and fetches (piece<from@Mbit, ~ relayed) at T,
+    // and the rates the scheduler goes by for its host.
     let dump_at: Option<f64> = std::env::var("SWARMSIM_DUMP")
         .ok()
         .and_then(|v| v.parse().ok());
@@ -686,11 +687,14 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                         })
                         .collect();
                     let ps: Vec<String> = node.parents.keys().map(|k| k.to_string()).collect();
+                    let (tx, rx) = res.host_rates_bps(&format!("h{i}")).unwrap_or_default();
                     eprintln!(
-                        "DUMP {i} held={} parents=[{}] fetch=[{}]",
+                        "DUMP {i} held={} parents=[{}] fetch=[{}] rated up/down={:.0}/{:.0} Mbit",
                         node.picker.piece_count() - node.picker.remaining(),
                         ps.join(","),
-                        fs.join(" ")
+                        fs.join(" "),
+                        tx as f64 / 1e6,
+                        rx as f64 / 1e6,
                     );
                 }
             }
