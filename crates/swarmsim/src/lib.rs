@@ -319,7 +319,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
         ..Default::default()
     };
     let peer_id = |i: usize| format!("p{i}");
-    // Built once: the piece reports name them for every piece of every host.
+    // Built once: decisions and piece reports name them for every host and piece.
     let peer_ids: Vec<String> = (0..=n).map(peer_id).collect();
     res.announce_host(host_proto(seed, true, sc.seed_up_bps, sc.origin_bps));
     res.register_peer(&format!("h{seed}"), TASK, &peer_id(seed), &download)
@@ -380,7 +380,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
         if let Some((victim, at)) = sc.kill {
             if t >= at && nodes[victim].alive {
                 nodes[victim].alive = false;
-                res.remove_peer(&peer_id(victim));
+                res.remove_peer(&peer_ids[victim]);
                 for c in std::mem::take(&mut subs[victim]) {
                     if let Some(h) = nodes[c].parents.remove(&victim) {
                         nodes[c].picker.remove_parent(h);
@@ -449,7 +449,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
             let orphan = node.parents.is_empty();
             let allow_full = orphan && node.failures >= RETRY_BACK_TO_SOURCE_LIMIT;
             let scheduled = res
-                .schedule_with(&peer_id(i), &sc.limits, allow_full, &mut rng)
+                .schedule_with(&peer_ids[i], &sc.limits, allow_full, &mut rng)
                 .expect("known peer");
             report.schedule_time += started.elapsed();
             report.schedules += 1;
@@ -466,7 +466,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
             }
             node.failures = 0;
             node.dirty = true;
-            if let Ok(p) = res.peer_mut(&peer_id(i)) {
+            if let Ok(p) = res.peer_mut(&peer_ids[i]) {
                 if p.state == PeerState::Received {
                     p.state = PeerState::Running;
                 }
@@ -795,7 +795,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                     t,
                 );
                 {
-                    let peer = res.peer_mut(&peer_id(f.to)).expect("alive");
+                    let peer = res.peer_mut(&peer_ids[f.to]).expect("alive");
                     peer.pieces.insert(f.piece);
                     if done {
                         peer.state = PeerState::Succeeded;
