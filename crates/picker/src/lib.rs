@@ -9,7 +9,9 @@
 //! - **One source per idle slot.** Parents with spare in-flight budget are served least
 //!   loaded first (in-flight over budget), faster first among equals; each takes the
 //!   rarest missing piece it holds (fewest holders among the normal parents), random among
-//!   ties, so children of one parent spread over different pieces.
+//!   ties, so children of one parent spread over different pieces — except the pieces
+//!   only a dealing seed offers: they were dealt to this child, and go oldest deal (lowest
+//!   number) first, so none waits behind fresher deals.
 //! - **The seed gives what nobody else can.** While a seed parent still deals (it does not
 //!   offer every missing piece: [`deal`] holds pieces back for other children), it is
 //!   offered only pieces no normal parent holds (a busy normal holder is waited for) — or
@@ -626,6 +628,7 @@ impl Picker {
             if best.is_some_and(|b| load > b.0) {
                 break; // parents are in load order: nothing better follows
             }
+            let dealing = self.restricted_seed(s);
             for n in s.avail.and(&self.idle) {
                 if !self.offers(s, n, floor) {
                     continue;
@@ -636,6 +639,18 @@ impl Picker {
                     Some((_, r, b, _)) if rarity == r => {
                         if b == n {
                             continue; // the same piece at a slower parent
+                        }
+                        // What a dealing seed offers and nobody else holds was dealt to
+                        // this child: the oldest deal first (a seed deals pieces in the
+                        // order they reached it, about piece order, so the lowest number),
+                        // so none waits behind fresher ones. Drawn at random between two
+                        // waiting deals, one deal in a hundred-odd waited seven rounds; on
+                        // emulated hosts such a piece left the seed last, twice.
+                        if rarity == 0 && dealing {
+                            if n < b {
+                                best = Some((load, rarity, n, id));
+                            }
+                            continue;
                         }
                         ties += 1;
                         if rng.gen_range(0..ties) == 0 {

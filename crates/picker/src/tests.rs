@@ -106,6 +106,29 @@ fn the_seed_gives_only_what_no_normal_parent_holds() {
 }
 
 #[test]
+fn a_dealing_seed_s_pieces_go_oldest_deal_first() {
+    // The seed still deals (it offers 3, 7 and 12 of 16: dealt to this child, in piece
+    // order), a normal parent holds 0: the seed's slot takes 3, then (after 3 lands) 7,
+    // whatever the draw. A random pick between two waiting deals left one waiting round
+    // after round and the whole swarm waited for it at the end.
+    for seed in 0..32 {
+        let (mut p, ids) = setup(16, &[(true, &[12, 3, 7]), (false, &[0])]);
+        let mut r = SmallRng::seed_from_u64(seed);
+        let mut from_seed = Vec::new();
+        while let Some((n, s)) = p.next(None, &mut r) {
+            if s == Source::Parent(ids[0]) {
+                from_seed.push(n);
+                p.finished(n, s, 1000, 1.0);
+            }
+        }
+        assert_eq!(from_seed, [3, 7, 12], "draw {seed}");
+        p.check().unwrap();
+    }
+    // Among pieces that normal parents hold, ties stay random (children of one parent
+    // spread over different pieces): see ties_are_broken_at_random.
+}
+
+#[test]
 fn a_seed_that_offers_every_missing_piece_is_asked_like_any_parent() {
     // Every piece went out once: the seed offers all that is missing here and holds
     // nothing back, so it is one more parent (its budget is no longer the share, and a
