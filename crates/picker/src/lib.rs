@@ -551,12 +551,14 @@ impl Picker {
     }
 
     /// Whether `slot` may be asked for idle missing piece `n` under the seed rule, with
-    /// `floor` the current [`Picker::slow_floor`].
-    fn offers(&self, s: &Slot, n: u32, floor: f64) -> bool {
+    /// `floor` the current [`Picker::slow_floor`] and `dealing` its
+    /// [`Picker::restricted_seed`] (computed once per slot by the caller: it scans the
+    /// missing pieces).
+    fn offers(&self, s: &Slot, n: u32, floor: f64, dealing: bool) -> bool {
         if !s.avail.get(n) {
             return false;
         }
-        if !self.restricted_seed(s) || self.normal_holders[n as usize] == 0 {
+        if !dealing || self.normal_holders[n as usize] == 0 {
             return true;
         }
         // Held by normal parents: the seed only when every one of them is slow.
@@ -580,10 +582,10 @@ impl Picker {
     /// The best source with spare budget for idle piece `n`.
     fn source_for(&self, n: u32, salt: u64) -> Option<Source> {
         let floor = self.slow_floor();
-        let best = self
-            .parent_order(salt)
-            .into_iter()
-            .find(|id| self.offers(&self.slots[id.0 as usize], n, floor));
+        let best = self.parent_order(salt).into_iter().find(|id| {
+            let s = &self.slots[id.0 as usize];
+            self.offers(s, n, floor, self.restricted_seed(s))
+        });
         if let Some(id) = best {
             return Some(Source::Parent(id));
         }
@@ -630,7 +632,7 @@ impl Picker {
             }
             let dealing = self.restricted_seed(s);
             for n in s.avail.and(&self.idle) {
-                if !self.offers(s, n, floor) {
+                if !self.offers(s, n, floor, dealing) {
                     continue;
                 }
                 let rarity = self.normal_holders[n as usize];
