@@ -357,8 +357,14 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
         from_peers: vec![0; n],
         ..Default::default()
     };
-    // SWARMSIM_TRACE=1: link use, fetches and parents every half second, on stderr.
+    // SWARMSIM_TRACE=1: link use, fetches and parents every half second, on stderr
+    // (SWARMSIM_TRACE_EVERY=0.1: every tenth of a second instead).
     let trace = std::env::var_os("SWARMSIM_TRACE").is_some();
+    let trace_every: f64 = std::env::var("SWARMSIM_TRACE_EVERY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|v: &f64| *v >= sc.dt)
+        .unwrap_or(0.5);
     // SWARMSIM_DUMP=T: every host's parents and fetches (piece<from@Mbit, ~ relayed) at T,
     // and the rates the scheduler goes by for its host.
     let dump_at: Option<f64> = std::env::var("SWARMSIM_DUMP")
@@ -638,7 +644,7 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
         for (f, r) in fetches.iter_mut().zip(&rates) {
             f.rate = *r;
         }
-        if trace && (t / 0.5).fract() < sc.dt / 0.5 {
+        if trace && (t / trace_every).fract() < sc.dt / trace_every {
             let mut used_up = vec![0.0; n + 2];
             let mut used_down = vec![0.0; n + 2];
             for (f, r) in fetches.iter().zip(&rates) {
