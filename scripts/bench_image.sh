@@ -10,14 +10,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh >/dev/null
 cargo build --release --bins
 cargo build --release -p d7y-testkit --example image_bench
-cleanup() {
-  for ns in $(ip netns list 2>/dev/null | awk '/^d7imgn/ {print $1}'); do
-    ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
-    ip netns del "$ns" 2>/dev/null || true
-  done
-  ip link del d7imgbr 2>/dev/null || true
-}
-trap cleanup EXIT INT TERM
+. scripts/netns_cleanup.sh
+trap 'netns_cleanup d7img' EXIT INT TERM
 D7Y_BIN_DIR="$PWD/target/release" target/release/examples/image_bench "$@"
 out=target/image-bench
 for ((i = 1; i <= $#; i++)); do [ "${!i}" = "--out" ] && { j=$((i + 1)); out="${!j}"; }; done

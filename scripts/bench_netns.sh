@@ -16,14 +16,8 @@ fi
 bash scripts/setup.sh >/dev/null
 cargo build --release --bins
 cargo build --release -p d7y-testkit --example netns_bench
-cleanup() {
-  for ns in $(ip netns list 2>/dev/null | awk '/^d7benchn/ {print $1}'); do
-    ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
-    ip netns del "$ns" 2>/dev/null || true
-  done
-  ip link del d7benchbr 2>/dev/null || true
-}
-trap cleanup EXIT INT TERM
+. scripts/netns_cleanup.sh
+trap 'netns_cleanup d7bench' EXIT INT TERM
 target/release/examples/netns_bench "$@"
 out=target/netns-bench
 for ((i = 1; i <= $#; i++)); do [ "${!i}" = "--out" ] && { j=$((i + 1)); out="${!j}"; }; done

@@ -30,19 +30,12 @@ case "$column" in
 esac
 bench=target/release/examples/netns_bench
 [ -x "$bench" ] || { echo "build first: cargo build --release --bins && cargo build --release -p d7y-testkit --example netns_bench" >&2; exit 1; }
-cleanup() {
-  for ns in $(ip netns list 2>/dev/null | awk '/^d7benchn/ {print $1}'); do
-    ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
-    ip netns del "$ns" 2>/dev/null || true
-  done
-  ip link del d7benchbr 2>/dev/null || true
-}
-trap cleanup EXIT INT TERM
+. scripts/netns_cleanup.sh
+trap 'netns_cleanup d7bench' EXIT INT TERM
 mkdir -p "$keep"
 scratch=$(mktemp -d)
 for ((i = 1; i <= runs; i++)); do
-  cleanup
-  rm -rf "$scratch/logs" "$scratch/out"
+  rm -rf "$scratch/logs" "$scratch/out" # (the bench clears what a run before left)
   D7Y_KEEP_LOGS="$scratch/logs" "$bench" --systems dragonfly "$@" --out "$scratch/out" \
     >"$scratch/log" 2>&1 || { echo "run $i: the bench failed (see $scratch/log)"; continue; }
   figure=$(awk -F'|' -v f="$field" '/^\| dragonfly/ {gsub(/ /, "", $f); print $f; exit}' "$scratch/log")

@@ -1,0 +1,12 @@
+# Sourced by the emulated-host bench scripts: `netns_cleanup PREFIX` removes the namespaces
+# PREFIXn* (killing what runs in them) and the bridge PREFIXbr, as the testkit's
+# netns::cleanup does; the scripts run it on exit, so a bench stopped midway (Ctrl-C, a
+# kill) leaves no namespace or link behind.
+netns_cleanup() {
+  local prefix=$1 ns
+  for ns in $(ip netns list 2>/dev/null | awk -v p="^${prefix}n" '$1 ~ p {print $1}'); do
+    ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+    ip netns del "$ns" 2>/dev/null || true
+  done
+  ip link del "${prefix}br" 2>/dev/null || true
+}
