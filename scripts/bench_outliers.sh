@@ -8,7 +8,8 @@
 #
 # --column: the row's "slowest fast host / its bound" (slowest, the default) or "max / T*".
 # Kept runs land in <keep>/run<N>/ (daemon logs, one directory per host) with the bench's
-# report beside them; read them with scripts/swarm_trace.py. Needs root and the release
+# report beside them (a run whose bench failed leaves its output as <keep>/run<N>/failed.txt);
+# read them with scripts/swarm_trace.py. Needs root and the release
 # binaries (scripts/bench_netns.sh builds them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +38,12 @@ scratch=$(mktemp -d)
 for ((i = 1; i <= runs; i++)); do
   rm -rf "$scratch/logs" "$scratch/out" # (the bench clears what a run before left)
   D7Y_KEEP_LOGS="$scratch/logs" "$bench" --systems dragonfly "$@" --out "$scratch/out" \
-    >"$scratch/log" 2>&1 || { echo "run $i: the bench failed (see $scratch/log)"; continue; }
+    >"$scratch/log" 2>&1 || {
+    mkdir -p "$keep/run$i"
+    cp "$scratch/log" "$keep/run$i/failed.txt"
+    echo "run $i: the bench failed (its output: $keep/run$i/failed.txt)"
+    continue
+  }
   figure=$(awk -F'|' -v f="$field" '/^\| dragonfly/ {gsub(/ /, "", $f); print $f; exit}' "$scratch/log")
   if [ -z "$figure" ]; then
     echo "run $i: no dragonfly row in the report"
