@@ -12,11 +12,12 @@ use dragonfly_api::common::v2::TrafficType;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::Semaphore;
-use tokio_util::io::StreamReader;
+use tokio_util::io::{InspectReader, StreamReader};
 
 pub struct StoragePieces {
     pub storage: Storage,
@@ -75,7 +76,25 @@ struct UploadGuard {
     _address: AddressSlot,
     _permit: tokio::sync::OwnedSemaphorePermit,
     _lease: d7y_storage::TaskLease,
+    _serve_end: Option<ServeEnd>,
     metrics: Arc<Metrics>,
+}
+
+/// On a seed peer: tells the dealer when a serve ends and whether every byte of the piece
+/// was read out to the child (a serve that lags or ends short frees its piece).
+struct ServeEnd {
+    seed: Arc<crate::superseed::SuperSeed>,
+    task_id: String,
+    number: u32,
+    length: u64,
+    read: Arc<AtomicU64>,
+}
+
+impl Drop for ServeEnd {
+    fn drop(&mut self) {
+        let complete = self.read.load(Ordering::Relaxed) >= self.length;
+        self.seed.sent(&self.task_id, self.number, complete);
+    }
 }
 
 impl Drop for UploadGuard {
@@ -220,6 +239,25 @@ impl PieceProvider for StoragePieces {
                 )
             }
         };
+        let (reader, serve_end) = match &self.super_seed {
+            Some(seed) => {
+                let read = Arc::new(AtomicU64::new(0));
+                let counter = read.clone();
+                let reader: Pin<Box<dyn AsyncRead + Send>> =
+                    Box::pin(InspectReader::new(reader, move |bytes: &[u8]| {
+                        counter.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    }));
+                let end = ServeEnd {
+                    seed: seed.clone(),
+                    task_id: task_id.to_string(),
+                    number,
+                    length: metadata.length,
+                    read,
+                };
+                (reader, Some(end))
+            }
+            None => (reader, None),
+        };
         Ok(OpenedPiece {
             metadata,
             reader,
@@ -227,6 +265,7 @@ impl PieceProvider for StoragePieces {
                 _address: address,
                 _permit: permit,
                 _lease: lease,
+                _serve_end: serve_end,
                 metrics: self.metrics.clone(),
             }),
         })
@@ -267,6 +306,14 @@ mod tests {
     }
 
     async fn serve_with(slots: usize, limits: d7y_vortex::ServerLimits) -> Served {
+        serve_as(slots, limits, None).await
+    }
+
+    async fn serve_as(
+        slots: usize,
+        limits: d7y_vortex::ServerLimits,
+        super_seed: Option<Arc<crate::superseed::SuperSeed>>,
+    ) -> Served {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path(), true).unwrap();
         let flights = Arc::new(Flights::default());
@@ -281,7 +328,7 @@ mod tests {
             disable_shared: false,
             buffer_size: 64 * 1024,
             flights: flights.clone(),
-            super_seed: None,
+            super_seed,
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -431,6 +478,97 @@ mod tests {
             .await
             .unwrap();
         data
+    }
+
+    /// Stores finished pieces of these lengths, one after another, for `task`.
+    async fn store_pieces(s: &Served, task: &str, lengths: &[usize]) {
+        let writer = s.storage.open_content_for_write(task).await.unwrap();
+        let mut offset = 0u64;
+        for (number, &len) in lengths.iter().enumerate() {
+            let data = vec![number as u8; len];
+            writer
+                .write_at(offset, bytes::Bytes::copy_from_slice(&data))
+                .await
+                .unwrap();
+            let digest = d7y_types::Digest::crc32(crc32fast::hash(&data)).to_string();
+            let meta = d7y_storage::PieceMeta::new(number as u32, offset, len as u64, digest);
+            s.storage.put_piece(task, meta).await.unwrap();
+            offset += len as u64;
+        }
+    }
+
+    /// Waits (up to 5 s) until `ok` holds, looking every 10 ms; returns how long it took.
+    async fn until(mut ok: impl FnMut() -> bool) -> Duration {
+        let start = std::time::Instant::now();
+        while !ok() {
+            assert!(start.elapsed() < Duration::from_secs(5), "never happened");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        start.elapsed()
+    }
+
+    #[tokio::test]
+    async fn a_seeds_serve_that_ends_short_or_lags_frees_its_piece_for_everyone() {
+        use crate::superseed::SuperSeed;
+        let seed = Arc::new(SuperSeed::default());
+        let s = serve_as(4, d7y_vortex::ServerLimits::default(), Some(seed.clone())).await;
+        const BIG: usize = 32 << 20; // more than the sockets between here and the child hold
+
+        // A serve that ends short: the child hangs up after 64 KiB. Nothing is measured for
+        // this task, so only the short end can free the piece before the grace (12 s).
+        let task = "e".repeat(64);
+        store_pieces(&s, &task, &[BIG]).await;
+        seed.join(&task, "a");
+        seed.join(&task, "b");
+        assert_eq!(seed.release_at(&task, "a", 0, Some(8)), None, "dealt to a");
+        let mut client = d7y_vortex::Client::connect(s.addr, Duration::from_secs(3))
+            .await
+            .unwrap();
+        let meta = client.request_piece(&task, 0).await.unwrap();
+        let mut content = client.content(meta.length);
+        read_exactly(&mut content, 64 << 10).await.unwrap();
+        assert!(
+            seed.release_at(&task, "b", 0, Some(8)).is_some(),
+            "held from b"
+        );
+        drop(content);
+        drop(client);
+        until(|| seed.release_at(&task, "b", 0, Some(8)).is_none()).await;
+
+        // A serve that lags: a whole small piece measures the usual serve (well under the
+        // 1 s floor), then a big one is read 64 KiB and left hanging: once it has run the
+        // floor, the others are told of it.
+        let task = "f".repeat(64);
+        store_pieces(&s, &task, &[64 << 10, BIG]).await;
+        seed.join(&task, "a");
+        seed.join(&task, "b");
+        for n in [0, 1] {
+            assert_eq!(seed.release_at(&task, "a", n, Some(8)), None, "dealt to a");
+        }
+        let mut client = d7y_vortex::Client::connect(s.addr, Duration::from_secs(3))
+            .await
+            .unwrap();
+        let meta = client.request_piece(&task, 0).await.unwrap();
+        let mut content = client.content(meta.length);
+        read_exactly(&mut content, 64 << 10).await.unwrap();
+        drop(content);
+        until(|| seed.usual_serve(&task).is_some()).await;
+        assert!(
+            seed.release_at(&task, "b", 0, Some(8)).is_some(),
+            "0 ended in time"
+        );
+        let mut client = d7y_vortex::Client::connect(s.addr, Duration::from_secs(3))
+            .await
+            .unwrap();
+        let meta = client.request_piece(&task, 1).await.unwrap();
+        let mut content = client.content(meta.length);
+        read_exactly(&mut content, 64 << 10).await.unwrap();
+        let took = until(|| seed.release_at(&task, "b", 1, Some(8)).is_none()).await;
+        assert!(
+            took >= Duration::from_millis(800),
+            "{took:?}: freed before it lagged"
+        );
+        drop(content);
     }
 
     /// A raw connection from `ip` (any 127.0.0.0/8 address is local).

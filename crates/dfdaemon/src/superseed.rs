@@ -3,7 +3,7 @@
 //! over by children free to fetch them), kept per task for the children syncing it. The
 //! SyncPieces handler asks [`SuperSeed::release_at`] before it tells a child of a piece and
 //! looks again at least every [`d7y_picker::deal::RECHECK`]; the piece server reports every
-//! request ([`SuperSeed::served`]). A task's state lives while a child syncs it, so the map
+//! request ([`SuperSeed::served`]) and every serve's end ([`SuperSeed::sent`]). A task's state lives while a child syncs it, so the map
 //! is bounded by the open streams (themselves capped by the upload server).
 
 use d7y_picker::deal::Dealer;
@@ -61,6 +61,21 @@ impl SuperSeed {
         if let Some(dealer) = self.tasks().get_mut(task_id) {
             dealer.served(number, now);
         }
+    }
+
+    /// Records that a serve of a piece ended, with every byte read out to the child
+    /// (`complete`) or not (the piece server's guard calls this when it drops).
+    pub fn sent(&self, task_id: &str, number: u32, complete: bool) {
+        let now = self.now();
+        if let Some(dealer) = self.tasks().get_mut(task_id) {
+            dealer.sent(number, complete, now);
+        }
+    }
+
+    /// How long a first serve of the task usually takes, once measured.
+    pub fn usual_serve(&self, task_id: &str) -> Option<Duration> {
+        let secs = self.tasks().get(task_id)?.usual_serve()?;
+        Some(Duration::from_secs_f64(secs))
     }
 
     /// When `host_id` may be told of piece `number`: `None` means now. `piece_count` is

@@ -24,6 +24,16 @@
 //! or busy one. Once every piece has been served once, nothing distinct is left for the
 //! seed's upload and nothing is held back.
 //!
+//! A first serve that lags frees its piece too: a child the seed sends a piece slowly (its
+//! downlink is slow or busy) also passes it on slowly, and the others that follow its
+//! arrival (a cut-through relay, then a chain of them) all wait on that one slow flow.
+//! Once the first serve of a piece has run [`LAG_FACTOR`] times the usual first serve
+//! (and at least [`LAG_FLOOR`]), or ended short of its bytes, the piece is offered to
+//! everyone: the fast children take a copy from the seed (the endgame's idle parent holding
+//! the piece) instead of waiting out [`RELAY_GRACE`]. Caught on the emulated hosts: a piece
+//! dealt late to the quarter-rate host, seven fast hosts in one chain behind its 3 Mbit
+//! upload, ten seconds lost.
+//!
 //! A child that leaves (its last SyncPieces stream ended: done, rescheduled or dead) frees
 //! the pieces dealt to it: they are offered to everyone, since it can no longer pass them
 //! on. Callers look at the pieces they hold back at least every [`RECHECK`]: a request, a
@@ -41,6 +51,10 @@ pub const MAX_DEFER: f64 = 30.0;
 pub const DEAL_AHEAD: u32 = 2;
 /// How often a caller looks again at the pieces it holds back (seconds).
 pub const RECHECK: f64 = 0.2;
+/// A first serve lags once it has run this many times the usual first serve...
+pub const LAG_FACTOR: f64 = 3.0;
+/// ...and at least this long (seconds).
+pub const LAG_FLOOR: f64 = 1.0;
 
 /// One task's dealing at a seed peer.
 #[derive(Debug, Clone)]
@@ -53,6 +67,10 @@ pub struct Dealer<K> {
     outstanding: HashMap<K, u32>,
     /// Piece -> when a child first requested it.
     served: HashMap<u32, f64>,
+    /// Piece -> whether the first serve of it to end lagged (or ended short).
+    ended: HashMap<u32, bool>,
+    /// Mean time a first serve takes (s), once measured.
+    serve_time: Option<f64>,
     /// Distinct pieces dealt or served.
     claimed: u32,
     /// Mean time from a deal to its owner's request (s), once measured.
@@ -66,6 +84,8 @@ impl<K> Default for Dealer<K> {
             dealt: BTreeMap::new(),
             outstanding: HashMap::new(),
             served: HashMap::new(),
+            ended: HashMap::new(),
+            serve_time: None,
             claimed: 0,
             wait: None,
         }
@@ -112,6 +132,11 @@ impl<K: Clone + Eq + Hash> Dealer<K> {
         self.claimed
     }
 
+    /// How long a first serve usually takes (s), once measured.
+    pub fn usual_serve(&self) -> Option<f64> {
+        self.serve_time
+    }
+
     /// A child requested `piece` at `now`.
     pub fn served(&mut self, piece: u32, now: f64) {
         if self.served.contains_key(&piece) {
@@ -128,6 +153,41 @@ impl<K: Clone + Eq + Hash> Dealer<K> {
                 self.wait = Some(self.wait.map_or(w, |m| 0.8 * m + 0.2 * w));
             }
             None => self.claimed += 1,
+        }
+    }
+
+    /// A serve of `piece` ended at `now`, with every byte sent (`complete`) or not. Only the
+    /// first serve to end counts (later ones ran after the piece was offered to everyone).
+    pub fn sent(&mut self, piece: u32, complete: bool, now: f64) {
+        let Some(&first) = self.served.get(&piece) else {
+            return;
+        };
+        if self.ended.contains_key(&piece) {
+            return;
+        }
+        let limit = self.lag_limit().unwrap_or(f64::INFINITY);
+        let took = (now - first).max(0.0);
+        self.ended.insert(piece, !complete || took > limit);
+        if complete {
+            // A lagging serve counts as no longer than the lag limit: the mean is the usual
+            // serve, and still follows a seed whose serves all slow down.
+            let d = took.min(limit);
+            self.serve_time = Some(self.serve_time.map_or(d, |m| 0.8 * m + 0.2 * d));
+        }
+    }
+
+    /// How long a first serve runs before it lags, once the usual one is measured.
+    fn lag_limit(&self) -> Option<f64> {
+        self.serve_time.map(|t| (LAG_FACTOR * t).max(LAG_FLOOR))
+    }
+
+    /// When the first serve of `piece` (requested at `first`) counts as lagging: at once
+    /// when it ended short, never when it ended in time or nothing is measured yet.
+    fn lags_at(&self, piece: u32, first: f64) -> f64 {
+        match (self.ended.get(&piece), self.lag_limit()) {
+            (Some(true), _) => first,
+            (Some(false), _) | (None, None) => f64::INFINITY,
+            (None, Some(limit)) => first + limit,
         }
     }
 
@@ -187,7 +247,7 @@ impl<K: Clone + Eq + Hash> Dealer<K> {
         }
         match first_served {
             Some(first) => {
-                let at = first + RELAY_GRACE;
+                let at = (first + RELAY_GRACE).min(self.lags_at(piece, first));
                 (at > now).then_some(at)
             }
             // Its owner has not asked for it yet: looked at again soon (it lapses at the
@@ -247,6 +307,55 @@ mod tests {
         assert!(d.leave(&"b"));
         assert_eq!(d.release(&"a", 4, None, 2.0), None, "a alone again");
         assert!(d.leave(&"a") && d.is_empty());
+    }
+
+    #[test]
+    fn a_first_serve_that_lags_offers_its_piece_to_everyone() {
+        let mut d = dealer(&["fast", "slow", "c"]);
+        for (child, n) in [("fast", 0), ("fast", 1), ("slow", 2), ("slow", 3)] {
+            assert_eq!(d.release(&child, n, None, 0.0), None);
+        }
+        // Nothing measured yet: a serve running long is held back the usual grace.
+        d.served(2, 0.0);
+        assert_eq!(d.release(&"c", 2, None, 5.0), Some(RELAY_GRACE));
+        // The usual first serve takes 0.5 s (fast's), so lagging is over 1.5 s.
+        d.served(0, 1.0);
+        d.sent(0, true, 1.5);
+        // Slow's piece 2 ended after 6 s: its lag showed at 1.5 s. It counts as 1.5 s in
+        // the usual serve (0.8 * 0.5 + 0.2 * 1.5 = 0.7 s: lagging is over 2.1 s now).
+        d.sent(2, true, 6.0);
+        assert_eq!(d.release(&"c", 2, None, 6.0), None, "2 lagged");
+        assert_eq!(d.release(&"c", 0, None, 2.0), Some(1.0 + RELAY_GRACE));
+        // Piece 3's serve is under way: held back until it has run 2.1 s, then offered.
+        d.served(3, 7.0);
+        let lags = 7.0 + 3.0 * (0.8 * 0.5 + 0.2 * 1.5);
+        assert_eq!(d.release(&"c", 3, None, 7.2), Some(lags));
+        assert_eq!(d.release(&"fast", 3, None, lags - 0.1), Some(lags));
+        assert_eq!(d.release(&"c", 3, None, lags), None);
+        // It ends lagging (2.2 s): offered it stays, though the usual serve grew with it
+        // (to 0.98 s), and a later serve ending does not count: the first one decides.
+        d.sent(3, true, 9.2);
+        d.sent(3, true, 9.3);
+        assert_eq!(d.release(&"fast", 3, None, 9.3), None);
+        // A serve that ended in time holds its piece back the usual grace.
+        assert_eq!(d.release(&"c", 4, None, 9.0), None, "c's deal");
+        d.served(4, 9.0);
+        d.sent(4, true, 9.5);
+        assert_eq!(d.release(&"fast", 4, None, 12.0), Some(9.0 + RELAY_GRACE));
+        // A first serve that ended short of its bytes frees its piece at once.
+        d.served(1, 10.0);
+        d.sent(1, false, 10.1);
+        assert_eq!(d.release(&"c", 1, None, 10.1), None);
+        // The floor: with serves of 0.1 s, one of 0.9 s is not lagging.
+        let mut d = dealer(&["a", "b"]);
+        for n in 0..4 {
+            assert_eq!(d.release(&"a", n, None, 0.0), None);
+            d.served(n, 0.0);
+            d.sent(n, true, if n == 3 { 0.9 } else { 0.1 });
+        }
+        assert_eq!(d.release(&"b", 3, None, 1.0), Some(RELAY_GRACE));
+        // Unknown pieces' serves are ignored.
+        d.sent(99, true, 5.0);
     }
 
     #[test]

@@ -400,6 +400,9 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                 fetches.retain(|f| {
                     if f.from == victim || f.to == victim {
                         report.waste(f, seed);
+                        if f.from == seed {
+                            superseed.sent(f.piece, false, t);
+                        }
                     }
                     if f.from == victim {
                         nodes[f.to].picker.failed(f.piece, f.source);
@@ -769,6 +772,9 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
             }
             let mut cancelled: HashSet<(usize, u32)> = HashSet::new();
             for f in finished {
+                if f.from == seed {
+                    superseed.sent(f.piece, true, t);
+                }
                 let node = &mut nodes[f.to];
                 node.dirty = true;
                 node.ended(&f);
@@ -828,6 +834,9 @@ pub fn run(sc: &Scenario, limit: f64) -> Report {
                 fetches.retain(|g| {
                     let keep = !cancelled.contains(&(g.to, g.piece));
                     if !keep {
+                        if g.from == seed {
+                            superseed.sent(g.piece, false, t);
+                        }
                         report.waste(g, seed);
                         nodes[g.to].ended(g);
                     }

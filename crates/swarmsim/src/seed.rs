@@ -41,6 +41,11 @@ impl SuperSeed {
         self.dealer.served(piece, t);
     }
 
+    /// A fetch of `piece` from the seed ended, with all its bytes or not.
+    pub fn sent(&mut self, piece: u32, complete: bool, t: f64) {
+        self.dealer.sent(piece, complete, t);
+    }
+
     /// Tells `child` of `piece` now or later; true when now.
     pub fn offer(&mut self, child: usize, piece: u32, t: f64) -> bool {
         match self
