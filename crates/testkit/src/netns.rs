@@ -172,8 +172,8 @@ impl Hosts {
     }
 }
 
-/// Removes namespaces and the bridge left by a run with this prefix (killed before its
-/// drop ran).
+/// Removes namespaces, the bridge and the host ends of veth pairs left by a run with this
+/// prefix (killed before its drop ran).
 pub fn cleanup(prefix: &str) {
     if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -191,6 +191,17 @@ pub fn cleanup(prefix: &str) {
     let _ = Command::new("ip")
         .args(["link", "del", &format!("{prefix}br")])
         .status();
+    // Host ends of veth pairs a killed run left behind (the next `ip link add` of the same
+    // name would fail with "File exists").
+    if let Ok(out) = Command::new("ip").args(["-o", "link", "show"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split(": ").nth(1).unwrap_or("");
+            let name = name.split('@').next().unwrap_or("");
+            if name.starts_with(&format!("{prefix}v")) {
+                let _ = Command::new("ip").args(["link", "del", name]).status();
+            }
+        }
+    }
 }
 
 /// Whether this process runs as root.
