@@ -67,8 +67,19 @@ impl SuperSeed {
     /// (`complete`) or not (the piece server's guard calls this when it drops).
     pub fn sent(&self, task_id: &str, number: u32, complete: bool) {
         let now = self.now();
-        if let Some(dealer) = self.tasks().get_mut(task_id) {
-            dealer.sent(number, complete, now);
+        let mut tasks = self.tasks();
+        let Some(dealer) = tasks.get_mut(task_id) else {
+            return;
+        };
+        let usual = dealer.usual_serve();
+        if dealer.sent(number, complete, now) {
+            tracing::debug!(
+                task_id,
+                piece = number,
+                complete,
+                usual_secs = ?usual,
+                "first serve of a piece lagged or ended short: it is offered to every child"
+            );
         }
     }
 

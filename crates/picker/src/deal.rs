@@ -157,23 +157,26 @@ impl<K: Clone + Eq + Hash> Dealer<K> {
     }
 
     /// A serve of `piece` ended at `now`, with every byte sent (`complete`) or not. Only the
-    /// first serve to end counts (later ones ran after the piece was offered to everyone).
-    pub fn sent(&mut self, piece: u32, complete: bool, now: f64) {
+    /// first serve to end counts (later ones ran after the piece was offered to everyone);
+    /// returns whether it freed its piece (it lagged or ended short).
+    pub fn sent(&mut self, piece: u32, complete: bool, now: f64) -> bool {
         let Some(&first) = self.served.get(&piece) else {
-            return;
+            return false;
         };
         if self.ended.contains_key(&piece) {
-            return;
+            return false;
         }
         let limit = self.lag_limit().unwrap_or(f64::INFINITY);
         let took = (now - first).max(0.0);
-        self.ended.insert(piece, !complete || took > limit);
+        let freed = !complete || took > limit;
+        self.ended.insert(piece, freed);
         if complete {
             // A lagging serve counts as no longer than the lag limit: the mean is the usual
             // serve, and still follows a seed whose serves all slow down.
             let d = took.min(limit);
             self.serve_time = Some(self.serve_time.map_or(d, |m| 0.8 * m + 0.2 * d));
         }
+        freed
     }
 
     /// How long a first serve runs before it lags, once the usual one is measured.
