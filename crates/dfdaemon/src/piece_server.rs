@@ -508,7 +508,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_seeds_serve_that_ends_short_or_lags_frees_its_piece_for_everyone() {
+    async fn a_seeds_serve_that_ends_short_or_lags_at_the_end_frees_its_piece_for_everyone() {
         use crate::superseed::SuperSeed;
         let seed = Arc::new(SuperSeed::default());
         let s = serve_as(4, d7y_vortex::ServerLimits::default(), Some(seed.clone())).await;
@@ -536,15 +536,17 @@ mod tests {
         until(|| seed.release_at(&task, "b", 0, Some(8)).is_none()).await;
 
         // A serve that lags: a whole small piece measures the usual serve (well under the
-        // 1 s floor), then a big one is read 64 KiB and left hanging: once it has run the
-        // floor, the others are told of it.
+        // 1 s floor), then a big one is read 64 KiB and left hanging. With no fresh piece
+        // left to deal (three pieces: 0 and 1 dealt to a, 2 to b), once it has run the floor
+        // the others are told of it.
         let task = "f".repeat(64);
-        store_pieces(&s, &task, &[64 << 10, BIG]).await;
+        store_pieces(&s, &task, &[64 << 10, BIG, 64 << 10]).await;
         seed.join(&task, "a");
         seed.join(&task, "b");
         for n in [0, 1] {
-            assert_eq!(seed.release_at(&task, "a", n, Some(8)), None, "dealt to a");
+            assert_eq!(seed.release_at(&task, "a", n, Some(3)), None, "dealt to a");
         }
+        assert_eq!(seed.release_at(&task, "b", 2, Some(3)), None, "dealt to b");
         let mut client = d7y_vortex::Client::connect(s.addr, Duration::from_secs(3))
             .await
             .unwrap();
@@ -554,7 +556,7 @@ mod tests {
         drop(content);
         until(|| seed.usual_serve(&task).is_some()).await;
         assert!(
-            seed.release_at(&task, "b", 0, Some(8)).is_some(),
+            seed.release_at(&task, "b", 0, Some(3)).is_some(),
             "0 ended in time"
         );
         let mut client = d7y_vortex::Client::connect(s.addr, Duration::from_secs(3))
@@ -563,7 +565,7 @@ mod tests {
         let meta = client.request_piece(&task, 1).await.unwrap();
         let mut content = client.content(meta.length);
         read_exactly(&mut content, 64 << 10).await.unwrap();
-        let took = until(|| seed.release_at(&task, "b", 1, Some(8)).is_none()).await;
+        let took = until(|| seed.release_at(&task, "b", 1, Some(3)).is_none()).await;
         assert!(
             took >= Duration::from_millis(800),
             "{took:?}: freed before it lagged"

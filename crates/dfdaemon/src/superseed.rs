@@ -78,7 +78,8 @@ impl SuperSeed {
                 piece = number,
                 complete,
                 usual_secs = ?usual,
-                "first serve of a piece lagged or ended short: it is offered to every child"
+                "first serve of a piece lagged or ended short: offered to every child now if \
+                 short, once no fresh piece is left if it lagged"
             );
         }
     }
