@@ -4,8 +4,11 @@
 # run (a stall) with the evidence. Prints each run's figure as it goes.
 #
 # Usage: scripts/bench_outliers.sh [--runs 30] [--over 1.5] [--column slowest|max]
-#            [--keep target/outliers] -- <netns_bench arguments, e.g. --peers 8 --rates quarter>
+#            [--keep target/outliers] [--count PATTERN]
+#            -- <netns_bench arguments, e.g. --peers 8 --rates quarter>
 #
+# --count: also prints, for every run, how many log lines (all hosts) match PATTERN (grep -E),
+# e.g. how often a rule fired.
 # --column: the row's "slowest fast host / its bound" (slowest, the default) or "max / T*".
 # Kept runs land in <keep>/run<N>/ (daemon logs, one directory per host) with the bench's
 # report beside them (a run whose bench failed leaves its output as <keep>/run<N>/failed.txt);
@@ -13,13 +16,14 @@
 # binaries (scripts/bench_netns.sh builds them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-runs=30 over=1.5 column=slowest keep=target/outliers
+runs=30 over=1.5 column=slowest keep=target/outliers count=
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) runs=$2; shift 2 ;;
     --over) over=$2; shift 2 ;;
     --column) column=$2; shift 2 ;;
     --keep) keep=$2; shift 2 ;;
+    --count) count=$2; shift 2 ;;
     --) shift; break ;;
     *) echo "unknown option $1 (bench arguments go after --)" >&2; exit 2 ;;
   esac
@@ -49,7 +53,10 @@ for ((i = 1; i <= runs; i++)); do
     echo "run $i: no dragonfly row in the report"
     continue
   fi
-  if awk -v x="$figure" -v t="$over" 'BEGIN {exit !(x > t)}'; then
+  if [ -n "$count" ]; then
+    figure="$figure ($( (grep -rhcE -- "$count" "$scratch/logs" 2>/dev/null || true) | awk '{n += $1} END {print n + 0}') matching)"
+  fi
+  if awk -v x="${figure%% *}" -v t="$over" 'BEGIN {exit !(x > t)}'; then
     mkdir -p "$keep/run$i"
     mv "$scratch/logs" "$keep/run$i/logs"
     cp "$scratch/log" "$keep/run$i/report.txt"
