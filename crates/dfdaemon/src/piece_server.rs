@@ -467,34 +467,38 @@ mod tests {
     /// Stores a finished piece 0 of `len` bytes for `task`.
     async fn store_piece(s: &Served, task: &str, len: usize) -> Vec<u8> {
         let data: Vec<u8> = (0..len as u32).map(|i| (i % 253) as u8).collect();
-        let writer = s.storage.open_content_for_write(task).await.unwrap();
-        writer
-            .write_at(0, bytes::Bytes::copy_from_slice(&data))
-            .await
-            .unwrap();
-        let digest = d7y_types::Digest::crc32(crc32fast::hash(&data)).to_string();
-        s.storage
-            .put_piece(task, d7y_storage::PieceMeta::new(0, 0, len as u64, digest))
-            .await
-            .unwrap();
+        store_pieces(s, task, &[&data]).await;
         data
     }
 
-    /// Stores finished pieces of these lengths, one after another, for `task`.
-    async fn store_pieces(s: &Served, task: &str, lengths: &[usize]) {
+    /// Stores finished pieces 0, 1, ... with these contents, one after another, for `task`.
+    async fn store_pieces(s: &Served, task: &str, pieces: &[&[u8]]) {
         let writer = s.storage.open_content_for_write(task).await.unwrap();
         let mut offset = 0u64;
-        for (number, &len) in lengths.iter().enumerate() {
-            let data = vec![number as u8; len];
+        for (number, data) in pieces.iter().enumerate() {
             writer
-                .write_at(offset, bytes::Bytes::copy_from_slice(&data))
+                .write_at(offset, bytes::Bytes::copy_from_slice(data))
                 .await
                 .unwrap();
-            let digest = d7y_types::Digest::crc32(crc32fast::hash(&data)).to_string();
-            let meta = d7y_storage::PieceMeta::new(number as u32, offset, len as u64, digest);
+            let digest = d7y_types::Digest::crc32(crc32fast::hash(data)).to_string();
+            let len = data.len() as u64;
+            let meta = d7y_storage::PieceMeta::new(number as u32, offset, len, digest);
             s.storage.put_piece(task, meta).await.unwrap();
-            offset += len as u64;
+            offset += len;
         }
+    }
+
+    /// Requests a piece on a new connection and reads its first 64 KiB; the rest stays
+    /// unread (the serve hangs) until the returned connection is dropped.
+    async fn start_reading(s: &Served, task: &str, number: u32) -> d7y_vortex::Client {
+        let mut client = d7y_vortex::Client::connect(s.addr, Duration::from_secs(3))
+            .await
+            .unwrap();
+        let meta = client.request_piece(task, number).await.unwrap();
+        read_exactly(&mut client.content(meta.length), 64 << 10)
+            .await
+            .unwrap();
+        client
     }
 
     /// Waits (up to 5 s) until `ok` holds, looking every 10 ms; returns how long it took.
@@ -517,21 +521,15 @@ mod tests {
         // A serve that ends short: the child hangs up after 64 KiB. Nothing is measured for
         // this task, so only the short end can free the piece before the grace (12 s).
         let task = "e".repeat(64);
-        store_pieces(&s, &task, &[BIG]).await;
+        store_pieces(&s, &task, &[&vec![0; BIG]]).await;
         seed.join(&task, "a");
         seed.join(&task, "b");
         assert_eq!(seed.release_at(&task, "a", 0, Some(8)), None, "dealt to a");
-        let mut client = d7y_vortex::Client::connect(s.addr, Duration::from_secs(3))
-            .await
-            .unwrap();
-        let meta = client.request_piece(&task, 0).await.unwrap();
-        let mut content = client.content(meta.length);
-        read_exactly(&mut content, 64 << 10).await.unwrap();
+        let client = start_reading(&s, &task, 0).await;
         assert!(
             seed.release_at(&task, "b", 0, Some(8)).is_some(),
             "held from b"
         );
-        drop(content);
         drop(client);
         until(|| seed.release_at(&task, "b", 0, Some(8)).is_none()).await;
 
@@ -540,37 +538,27 @@ mod tests {
         // left to deal (three pieces: 0 and 1 dealt to a, 2 to b), once it has run the floor
         // the others are told of it.
         let task = "f".repeat(64);
-        store_pieces(&s, &task, &[64 << 10, BIG, 64 << 10]).await;
+        let small = vec![0; 64 << 10];
+        store_pieces(&s, &task, &[&small, &vec![1; BIG], &small]).await;
         seed.join(&task, "a");
         seed.join(&task, "b");
         for n in [0, 1] {
             assert_eq!(seed.release_at(&task, "a", n, Some(3)), None, "dealt to a");
         }
         assert_eq!(seed.release_at(&task, "b", 2, Some(3)), None, "dealt to b");
-        let mut client = d7y_vortex::Client::connect(s.addr, Duration::from_secs(3))
-            .await
-            .unwrap();
-        let meta = client.request_piece(&task, 0).await.unwrap();
-        let mut content = client.content(meta.length);
-        read_exactly(&mut content, 64 << 10).await.unwrap();
-        drop(content);
+        drop(start_reading(&s, &task, 0).await);
         until(|| seed.usual_serve(&task).is_some()).await;
         assert!(
             seed.release_at(&task, "b", 0, Some(3)).is_some(),
             "0 ended in time"
         );
-        let mut client = d7y_vortex::Client::connect(s.addr, Duration::from_secs(3))
-            .await
-            .unwrap();
-        let meta = client.request_piece(&task, 1).await.unwrap();
-        let mut content = client.content(meta.length);
-        read_exactly(&mut content, 64 << 10).await.unwrap();
+        let client = start_reading(&s, &task, 1).await;
         let took = until(|| seed.release_at(&task, "b", 1, Some(3)).is_none()).await;
         assert!(
             took >= Duration::from_millis(800),
             "{took:?}: freed before it lagged"
         );
-        drop(content);
+        drop(client);
     }
 
     /// A raw connection from `ip` (any 127.0.0.0/8 address is local).

@@ -3,8 +3,9 @@
 //! over by children free to fetch them), kept per task for the children syncing it. The
 //! SyncPieces handler asks [`SuperSeed::release_at`] before it tells a child of a piece and
 //! looks again at least every [`d7y_picker::deal::RECHECK`]; the piece server reports every
-//! request ([`SuperSeed::served`]) and every serve's end ([`SuperSeed::sent`]). A task's state lives while a child syncs it, so the map
-//! is bounded by the open streams (themselves capped by the upload server).
+//! request ([`SuperSeed::served`]) and every serve's end ([`SuperSeed::sent`]). A task's
+//! state lives while a child syncs it, so the map is bounded by the open streams (themselves
+//! capped by the upload server).
 
 use d7y_picker::deal::Dealer;
 use std::collections::HashMap;

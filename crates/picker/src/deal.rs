@@ -67,6 +67,19 @@ enum ServeEnd {
     Short,
 }
 
+/// A piece's first serve: when a child first requested it, and how the first serve of it
+/// to end went.
+#[derive(Debug, Clone, Copy)]
+struct FirstServe {
+    at: f64,
+    end: Option<ServeEnd>,
+}
+
+/// The next value of a moving mean (`None`: nothing measured yet).
+fn moving_mean(mean: Option<f64>, sample: f64) -> f64 {
+    mean.map_or(sample, |m| 0.8 * m + 0.2 * sample)
+}
+
 /// One task's dealing at a seed peer.
 #[derive(Debug, Clone)]
 pub struct Dealer<K> {
@@ -76,10 +89,8 @@ pub struct Dealer<K> {
     dealt: BTreeMap<u32, (K, f64)>,
     /// Child -> pieces dealt to it that it has not requested yet.
     outstanding: HashMap<K, u32>,
-    /// Piece -> when a child first requested it.
-    served: HashMap<u32, f64>,
-    /// Piece -> how the first serve of it to end went.
-    ended: HashMap<u32, ServeEnd>,
+    /// Piece -> its first serve.
+    served: HashMap<u32, FirstServe>,
     /// Mean time a first serve takes (s), once measured.
     serve_time: Option<f64>,
     /// Distinct pieces dealt or served.
@@ -95,7 +106,6 @@ impl<K> Default for Dealer<K> {
             dealt: BTreeMap::new(),
             outstanding: HashMap::new(),
             served: HashMap::new(),
-            ended: HashMap::new(),
             serve_time: None,
             claimed: 0,
             wait: None,
@@ -153,7 +163,7 @@ impl<K: Clone + Eq + Hash> Dealer<K> {
         if self.served.contains_key(&piece) {
             return;
         }
-        self.served.insert(piece, now);
+        self.served.insert(piece, FirstServe { at: now, end: None });
         match self.dealt.get(&piece) {
             Some((owner, at)) => {
                 // Its owner asked for it: one fewer waiting, so it may be dealt another.
@@ -161,7 +171,7 @@ impl<K: Clone + Eq + Hash> Dealer<K> {
                     *n = n.saturating_sub(1);
                 }
                 let w = (now - at).max(0.0);
-                self.wait = Some(self.wait.map_or(w, |m| 0.8 * m + 0.2 * w));
+                self.wait = Some(moving_mean(self.wait, w));
             }
             None => self.claimed += 1,
         }
@@ -171,14 +181,14 @@ impl<K: Clone + Eq + Hash> Dealer<K> {
     /// first serve to end counts (later ones ran after the piece was offered to everyone);
     /// returns whether it freed its piece (it lagged or ended short).
     pub fn sent(&mut self, piece: u32, complete: bool, now: f64) -> bool {
-        let Some(&first) = self.served.get(&piece) else {
+        let limit = self.lag_limit().unwrap_or(f64::INFINITY);
+        let Some(first) = self.served.get_mut(&piece) else {
             return false;
         };
-        if self.ended.contains_key(&piece) {
+        if first.end.is_some() {
             return false;
         }
-        let limit = self.lag_limit().unwrap_or(f64::INFINITY);
-        let took = (now - first).max(0.0);
+        let took = (now - first.at).max(0.0);
         let end = if !complete {
             ServeEnd::Short
         } else if took > limit {
@@ -186,12 +196,11 @@ impl<K: Clone + Eq + Hash> Dealer<K> {
         } else {
             ServeEnd::InTime
         };
-        self.ended.insert(piece, end);
+        first.end = Some(end);
         if complete {
             // A lagging serve counts as no longer than the lag limit: the mean is the usual
             // serve, and still follows a seed whose serves all slow down.
-            let d = took.min(limit);
-            self.serve_time = Some(self.serve_time.map_or(d, |m| 0.8 * m + 0.2 * d));
+            self.serve_time = Some(moving_mean(self.serve_time, took.min(limit)));
         }
         end != ServeEnd::InTime
     }
@@ -201,16 +210,16 @@ impl<K: Clone + Eq + Hash> Dealer<K> {
         self.serve_time.map(|t| (LAG_FACTOR * t).max(LAG_FLOOR))
     }
 
-    /// When the first serve of `piece` (requested at `first`) frees the piece: at once when
+    /// When a piece's first serve frees the piece: at once when
     /// it ended short; once it lags, but only when no fresh piece is left to deal (while
     /// the seed still has distinct pieces to send, a copy of a lagging one costs one of
     /// them: on the emulated hosts' quarter row that made the fast hosts slower); never
     /// when it ended in time or nothing is measured yet.
-    fn lags_at(&self, piece: u32, first: f64, fresh_left: bool) -> f64 {
-        match (self.ended.get(&piece), self.lag_limit()) {
-            (Some(ServeEnd::Short), _) => first,
-            (Some(ServeEnd::Lagged), _) if !fresh_left => first,
-            (None, Some(limit)) if !fresh_left => first + limit,
+    fn lags_at(&self, first: FirstServe, fresh_left: bool) -> f64 {
+        match (first.end, self.lag_limit()) {
+            (Some(ServeEnd::Short), _) => first.at,
+            (Some(ServeEnd::Lagged), _) if !fresh_left => first.at,
+            (None, Some(limit)) if !fresh_left => first.at + limit,
             _ => f64::INFINITY,
         }
     }
@@ -271,7 +280,7 @@ impl<K: Clone + Eq + Hash> Dealer<K> {
         }
         match first_served {
             Some(first) => {
-                let at = (first + RELAY_GRACE).min(self.lags_at(piece, first, fresh_left));
+                let at = (first.at + RELAY_GRACE).min(self.lags_at(first, fresh_left));
                 (at > now).then_some(at)
             }
             // Its owner has not asked for it yet: looked at again soon (it lapses at the
