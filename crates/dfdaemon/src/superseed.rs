@@ -49,7 +49,13 @@ impl SuperSeed {
     pub fn leave(&self, task_id: &str, host_id: &str) {
         let mut tasks = self.tasks();
         if let Some(dealer) = tasks.get_mut(task_id) {
-            dealer.leave(&host_id.to_string());
+            if dealer.leave(&host_id.to_string()) {
+                tracing::debug!(
+                    task_id,
+                    host_id,
+                    "a child's last stream ended: the pieces dealt to it are offered to everyone"
+                );
+            }
             if dealer.is_empty() {
                 tasks.remove(task_id);
             }

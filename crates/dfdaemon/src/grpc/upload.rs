@@ -3,7 +3,8 @@
 use super::download::{delete_impl, list_entries_impl, stat_local_impl, stat_task_impl};
 use super::{unimplemented, BoxStream};
 use crate::host::{HostInfo, Traffic};
-use crate::task::TaskManager;
+use crate::task::{RunState, TaskManager};
+use d7y_storage::PieceMeta;
 use dragonfly_api::common::v2::{
     CacheTask, Download, Host, PersistentCacheTask, PersistentTask, Task,
 };
@@ -53,6 +54,110 @@ fn check_sync_request(task_id: &str, host_id: &str) -> Result<(), Status> {
 
 /// How often SyncHost reports.
 const SYNC_HOST_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A child's place in a seed's dealing, released when its SyncPieces stream ends.
+struct Slot {
+    seed: Arc<crate::superseed::SuperSeed>,
+    task_id: String,
+    host_id: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.seed.leave(&self.task_id, &self.host_id);
+    }
+}
+
+/// What one SyncPieces stream tells its child, and when. A piece is announced once it
+/// starts arriving here (it is relayed as it arrives) and again once stored, in case the
+/// child asked for it while a fetch of it failed and dropped it from what this peer offers.
+/// On a seed peer both go through its dealer: a piece held back from this child is asked
+/// for again until it goes.
+struct Announcer {
+    /// Interesting pieces not yet announced as stored; the stream ends when none is left.
+    wanted: Option<HashSet<u32>>,
+    /// Seed peers only.
+    slot: Option<Slot>,
+    /// Stored pieces looked at so far (`RunState::pieces` only grows).
+    stored_seen: usize,
+    /// Arriving pieces looked at so far (`RunState::arriving` only grows).
+    arriving_seen: usize,
+    announced_arriving: HashSet<u32>,
+    /// Stored pieces the dealer holds back from this child.
+    deferred: Vec<PieceMeta>,
+}
+
+impl Announcer {
+    fn new(wanted: Option<HashSet<u32>>, slot: Option<Slot>) -> Announcer {
+        Announcer {
+            wanted,
+            slot,
+            stored_seen: 0,
+            arriving_seen: 0,
+            announced_arriving: HashSet::new(),
+            deferred: Vec::new(),
+        }
+    }
+
+    /// When the dealer lets this child hear of piece `number` (`None`: now; always now on
+    /// a peer that is not a seed).
+    fn release_at(&self, number: u32, piece_count: Option<u32>) -> Option<std::time::Instant> {
+        let slot = self.slot.as_ref()?;
+        slot.seed
+            .release_at(&slot.task_id, &slot.host_id, number, piece_count)
+    }
+
+    /// The pieces to announce now, and the earliest time a held-back one may go.
+    fn step(&mut self, state: &RunState) -> (Vec<PieceMeta>, Option<std::time::Instant>) {
+        let mut ready = Vec::new();
+        // A seed deals arriving pieces like stored ones: one it holds back from this child
+        // is announced once stored and released. Announced as they arrived, the pieces a
+        // seed was still fetching from the origin when a child connected bypassed the
+        // dealer, and a child could take a copy of one from the seed at any time.
+        for piece in &state.arriving[self.arriving_seen..] {
+            let n = piece.number;
+            let open = self.wanted.as_ref().is_none_or(|w| w.contains(&n));
+            if open && !self.announced_arriving.contains(&n) && self.release_at(n, None).is_none() {
+                self.announced_arriving.insert(n);
+                ready.push(piece.clone());
+            }
+        }
+        self.arriving_seen = state.arriving.len();
+        for piece in &state.pieces[self.stored_seen..] {
+            if let Some(w) = &mut self.wanted {
+                if !w.remove(&piece.number) {
+                    continue;
+                }
+            }
+            self.deferred.push(piece.clone());
+        }
+        self.stored_seen = state.pieces.len();
+        let piece_count = state.piece_count().filter(|_| state.outcome.is_some());
+        let mut next_due: Option<std::time::Instant> = None;
+        let mut held = Vec::new();
+        for piece in std::mem::take(&mut self.deferred) {
+            match self.release_at(piece.number, piece_count) {
+                None => ready.push(piece),
+                Some(at) => {
+                    next_due = Some(next_due.map_or(at, |n| n.min(at)));
+                    held.push(piece);
+                }
+            }
+        }
+        self.deferred = held;
+        (ready, next_due)
+    }
+
+    /// Every interesting piece was announced as stored.
+    fn wants_nothing(&self) -> bool {
+        self.wanted.as_ref().is_some_and(HashSet::is_empty) && self.deferred.is_empty()
+    }
+
+    /// Stored pieces are held back from this child still.
+    fn holds_back(&self) -> bool {
+        !self.deferred.is_empty()
+    }
+}
 
 pub struct UploadService {
     pub manager: Arc<TaskManager>,
@@ -156,23 +261,11 @@ impl DfdaemonUpload for UploadService {
                 "this peer does not share its tasks",
             ));
         }
-        // Interesting pieces not yet sent as finished; the stream ends when none is left.
-        let mut wanted: Option<HashSet<u32>> = (!request.interested_piece_numbers.is_empty())
+        let wanted: Option<HashSet<u32>> = (!request.interested_piece_numbers.is_empty())
             .then(|| request.interested_piece_numbers.into_iter().collect());
         let ip = self.host.ip.to_string();
         let port = self.host.piece_port as i32;
         let (tx, rx) = mpsc::channel(256);
-        // The child's place in the seed's round-robin, released when the stream ends.
-        struct Slot {
-            seed: Arc<crate::superseed::SuperSeed>,
-            task_id: String,
-            host_id: String,
-        }
-        impl Drop for Slot {
-            fn drop(&mut self) {
-                self.seed.leave(&self.task_id, &self.host_id);
-            }
-        }
         let slot = self.super_seed.clone().map(|seed| {
             seed.join(&task_id, &request.host_id);
             Slot {
@@ -181,8 +274,9 @@ impl DfdaemonUpload for UploadService {
                 host_id: request.host_id.clone(),
             }
         });
+        let mut announcer = Announcer::new(wanted, slot);
         tokio::spawn(async move {
-            let message = |piece: &d7y_storage::PieceMeta| SyncPiecesResponse {
+            let message = |piece: &PieceMeta| SyncPiecesResponse {
                 number: piece.number,
                 offset: piece.offset,
                 length: piece.length,
@@ -191,66 +285,19 @@ impl DfdaemonUpload for UploadService {
                 quic_port: None,
             };
             let mut watch = run.subscribe();
-            let mut sent = 0usize;
-            // Pieces still arriving here are announced once when they start (they are
-            // relayed as they arrive), and again when finished, in case a child asked for
-            // one whose fetch failed and dropped it from what this peer offers.
-            let mut sent_arriving = 0usize;
-            let mut announced_arriving: HashSet<u32> = HashSet::new();
-            // Pieces held back for other children first (seed peers only).
-            let mut deferred: Vec<d7y_storage::PieceMeta> = Vec::new();
             loop {
                 let state = watch.borrow_and_update().clone();
-                let mut ready = Vec::new();
-                for piece in &state.arriving[sent_arriving..] {
-                    let n = piece.number;
-                    let open = wanted.as_ref().is_none_or(|w| w.contains(&n));
-                    if open && announced_arriving.insert(n) {
-                        ready.push(piece.clone());
-                    }
-                }
-                sent_arriving = state.arriving.len();
-                for piece in &state.pieces[sent..] {
-                    if let Some(w) = &mut wanted {
-                        if !w.remove(&piece.number) {
-                            continue;
-                        }
-                    }
-                    deferred.push(piece.clone());
-                }
-                sent = state.pieces.len();
-                // Send what may go now; remember the earliest release of the rest.
-                let mut next_due: Option<std::time::Instant> = None;
-                deferred.retain(|piece| {
-                    let release = slot.as_ref().and_then(|slot| {
-                        slot.seed.release_at(
-                            &slot.task_id,
-                            &slot.host_id,
-                            piece.number,
-                            state.piece_count().filter(|_| state.outcome.is_some()),
-                        )
-                    });
-                    match release {
-                        None => {
-                            ready.push(piece.clone());
-                            false
-                        }
-                        Some(at) => {
-                            next_due = Some(next_due.map_or(at, |n| n.min(at)));
-                            true
-                        }
-                    }
-                });
+                let (ready, next_due) = announcer.step(&state);
                 for piece in &ready {
                     if tx.send(Ok(message(piece))).await.is_err() {
                         return;
                     }
                 }
-                if wanted.as_ref().is_some_and(HashSet::is_empty) && deferred.is_empty() {
+                if announcer.wants_nothing() {
                     return;
                 }
                 match &state.outcome {
-                    Some(Ok(())) if deferred.is_empty() => return,
+                    Some(Ok(())) if !announcer.holds_back() => return,
                     Some(Ok(())) => {}
                     Some(Err(err)) => {
                         let _ = tx.send(Err(err.to_status())).await;
@@ -421,5 +468,75 @@ impl DfdaemonUpload for UploadService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::superseed::SuperSeed;
+
+    const TASK: &str = "t";
+
+    fn pieces(numbers: &[u32]) -> Arc<Vec<PieceMeta>> {
+        let meta = |n: u32| PieceMeta::new(n, u64::from(n) << 22, 4 << 20, "crc32:0".into());
+        Arc::new(numbers.iter().copied().map(meta).collect())
+    }
+
+    fn state(arriving: &[u32], stored: &[u32]) -> RunState {
+        RunState {
+            arriving: pieces(arriving),
+            pieces: pieces(stored),
+            ..RunState::default()
+        }
+    }
+
+    fn child(seed: &Arc<SuperSeed>, host: &str) -> Announcer {
+        seed.join(TASK, host);
+        let slot = Slot {
+            seed: seed.clone(),
+            task_id: TASK.into(),
+            host_id: host.into(),
+        };
+        Announcer::new(None, Some(slot))
+    }
+
+    fn numbers(step: (Vec<PieceMeta>, Option<std::time::Instant>)) -> Vec<u32> {
+        step.0.iter().map(|p| p.number).collect()
+    }
+
+    #[test]
+    fn a_seed_announces_an_arriving_piece_only_to_the_child_it_deals_it_to() {
+        let seed = Arc::new(SuperSeed::default());
+        let (mut a, mut b) = (child(&seed, "a"), child(&seed, "b"));
+        // a is dealt the first two arriving pieces (as many as a child may have waiting),
+        // b the third; neither hears of the other's.
+        let arriving = state(&[0, 1, 2], &[]);
+        assert_eq!(numbers(a.step(&arriving)), [0, 1]);
+        assert_eq!(numbers(b.step(&arriving)), [2]);
+        // Stored, each is announced again to its own child only; the rest are held back.
+        let stored = state(&[0, 1, 2], &[0, 1, 2]);
+        let (ready, next) = a.step(&stored);
+        assert_eq!(ready.iter().map(|p| p.number).collect::<Vec<_>>(), [0, 1]);
+        assert!(next.is_some() && a.holds_back(), "2 is b's");
+        assert_eq!(numbers(b.step(&stored)), [2]);
+        assert!(b.holds_back());
+        // a's stream ends (the child finished or went away): what was dealt to it is
+        // everyone's now.
+        drop(a);
+        assert_eq!(numbers(b.step(&stored)), [0, 1]);
+        assert!(!b.holds_back());
+    }
+
+    #[test]
+    fn a_peer_announces_the_wanted_pieces_arriving_and_stored_then_nothing_is_left() {
+        let mut child = Announcer::new(Some(HashSet::from([1, 2])), None);
+        assert_eq!(numbers(child.step(&state(&[0, 1], &[]))), [1]);
+        assert_eq!(numbers(child.step(&state(&[0, 1], &[0, 1]))), [1]);
+        assert!(!child.wants_nothing(), "2 is still wanted");
+        // A retried fetch of 1 appears again as arriving: announced once only.
+        assert_eq!(numbers(child.step(&state(&[0, 1, 1, 2], &[0, 1]))), [2]);
+        assert_eq!(numbers(child.step(&state(&[0, 1, 1, 2], &[0, 1, 2]))), [2]);
+        assert!(child.wants_nothing());
     }
 }
