@@ -158,6 +158,14 @@ impl Config {
                 "must be greater than 0",
             );
         }
+        let cc = &piece_server.tcp_congestion_control;
+        // The kernel's names: at most 15 bytes (TCP_CA_NAME_MAX with its NUL).
+        if cc.len() > 15 || !cc.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return invalid(
+                "storage.server.tcpCongestionControl",
+                &format!("{cc:?} is not a TCP congestion control name (e.g. bbr, cubic)"),
+            );
+        }
         if self.backend.read_timeout.is_zero() {
             return invalid("backend.readTimeout", "must be greater than 0");
         }
@@ -497,6 +505,16 @@ pub struct StorageServer {
     /// (a child that stops reading frees its upload slot).
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
+    /// Extension: the TCP congestion control of the pieces this daemon sends (set on the
+    /// piece server's listening socket, which its connections inherit), e.g. `bbr`; empty
+    /// for the host's default. Linux only; the algorithm must be loaded (`modprobe
+    /// tcp_bbr`) and, for a daemon without CAP_NET_ADMIN, allowed
+    /// (`net.ipv4.tcp_allowed_congestion_control`). On emulated hosts whose default is
+    /// cubic, flows that share a drop-tail queue sometimes stall in back-off for seconds
+    /// and every child relaying from the stalled one waits as long (BENCHMARKS.md); BBR's
+    /// flows did not. BBR may also take more than its share from the host's cubic flows,
+    /// so it is not the default.
+    pub tcp_congestion_control: String,
 }
 
 impl Default for StorageServer {
@@ -510,6 +528,7 @@ impl Default for StorageServer {
             max_connections_per_ip: 128,
             idle_timeout: Duration::from_secs(60),
             write_timeout: Duration::from_secs(30),
+            tcp_congestion_control: String::new(),
         }
     }
 }
@@ -772,6 +791,12 @@ mod tests {
         assert_eq!(c.health.server.port, 4003);
         assert_eq!(c.storage.server.tcp_port, 4005);
         assert_eq!(
+            c.storage.server.tcp_congestion_control, "",
+            "the host's default"
+        );
+        let bbr = Config::from_yaml("storage:\n  server:\n    tcpCongestionControl: bbr").unwrap();
+        assert_eq!(bbr.storage.server.tcp_congestion_control, "bbr");
+        assert_eq!(
             c.download.server.socket_path,
             PathBuf::from(DEFAULT_DOWNLOAD_SOCKET)
         );
@@ -916,6 +941,14 @@ proxy:
             (
                 "backend:\n  deniedNetworks: [10.0.0.0/33]",
                 "deniedNetworks",
+            ),
+            (
+                "storage:\n  server:\n    tcpCongestionControl: 'bbr; rm'",
+                "storage.server.tcpCongestionControl",
+            ),
+            (
+                "storage:\n  server:\n    tcpCongestionControl: averyveryverylongname",
+                "storage.server.tcpCongestionControl",
             ),
         ];
         for (yaml, needle) in cases {

@@ -67,6 +67,32 @@ async fn bind_tcp(
         })
 }
 
+/// Sets the TCP congestion control of `listener`, inherited by the connections it accepts
+/// (empty: the host's default).
+fn set_congestion_control(listener: &TcpListener, name: &str) -> Result<(), DaemonError> {
+    if name.is_empty() {
+        return Ok(());
+    }
+    let failed = |reason: String| {
+        DaemonError::Setup(format!(
+            "storage.server.tcpCongestionControl {name:?}: {reason}; load the algorithm \
+             (modprobe tcp_{name}) and allow it (sysctl net.ipv4.tcp_allowed_congestion_control), \
+             or leave the key empty for the host's default"
+        ))
+    };
+    #[cfg(target_os = "linux")]
+    {
+        socket2::SockRef::from(listener)
+            .set_tcp_congestion(name.as_bytes())
+            .map_err(|e| failed(e.to_string()))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = listener;
+        Err(failed("only supported on Linux".into()))
+    }
+}
+
 fn bind_unix(path: &Path) -> Result<UnixListener, DaemonError> {
     let err = |source| DaemonError::Bind {
         what: "download socket",
@@ -158,6 +184,7 @@ pub async fn run_with(
         config.storage.server.tcp_port,
     )
     .await?;
+    set_congestion_control(&pieces, &config.storage.server.tcp_congestion_control)?;
     let metrics_listener = bind_tcp(
         "metrics",
         config.metrics.server.ip,
@@ -395,6 +422,28 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn the_piece_servers_connections_take_the_configured_congestion_control() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        set_congestion_control(&listener, "").unwrap();
+        // reno is built into every Linux kernel; the host's default is usually another.
+        set_congestion_control(&listener, "reno").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let cc = socket2::SockRef::from(&accepted).tcp_congestion().unwrap();
+        assert_eq!(String::from_utf8_lossy(&cc).trim_end_matches('\0'), "reno");
+        drop(client);
+        let err = set_congestion_control(&listener, "nosuchcc")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tcpCongestionControl \"nosuchcc\"") && err.contains("modprobe"),
+            "{err}"
+        );
+    }
 
     /// Forwards one connection until `frozen`; then passes nothing on (a peer that died
     /// silently: its kernel keeps the connection, nobody answers) and reports when the

@@ -31,6 +31,8 @@
 //! this was written on defaults to BBR, which on five hosts each fetching from the four
 //! others filled 85-95% of the shaped links against cubic's 94-95%; in the swarm itself
 //! the choice made no difference that one run could show (BENCHMARKS.md, 2026-12-06).
+//! `--daemon-tcp-cc NAME` sets Dragonfly's piece server's own congestion control
+//! (`storage.server.tcpCongestionControl`), whatever the hosts' default.
 
 use d7y_testkit::bench::{arg, parse_rate, quantile};
 use d7y_testkit::netns::{HostSwarm, Hosts, SUBNET_GW};
@@ -220,12 +222,13 @@ fn run_dragonfly(
     data: &[u8],
     n: usize,
     scheduler_yaml: &str,
+    piece_server_yaml: &str,
     joins: &[f64],
     kill: Option<f64>,
 ) -> SystemResult {
     let dir = dir.join("dragonfly");
-    let swarm =
-        HostSwarm::start(hosts, &dir, n, scheduler_yaml).expect("start the Dragonfly swarm");
+    let swarm = HostSwarm::start_full(hosts, &dir, n, scheduler_yaml, "", piece_server_yaml)
+        .expect("start the Dragonfly swarm");
     let peers = &swarm.peers;
     nginx.take_bytes();
     let tx0 = hosts.tx_bytes(0);
@@ -644,6 +647,12 @@ fn main() {
     let systems = arg("--systems", "dragonfly,aria2,curl");
     let scheduler_yaml = arg("--scheduler-yaml", "");
     let tcp_cc = arg("--tcp-cc", "system");
+    let daemon_tcp_cc = arg("--daemon-tcp-cc", "");
+    let piece_server_yaml = if daemon_tcp_cc.is_empty() {
+        String::new()
+    } else {
+        format!("    tcpCongestionControl: {daemon_tcp_cc}\n")
+    };
     let announce = arg("--announce-rates", "auto");
     let out = PathBuf::from(arg("--out", "target/netns-bench"));
     let _ = bin_path("dfdaemon"); // fail early when the binaries are not built
@@ -681,6 +690,11 @@ fn main() {
         format!("TCP {out} (the machine's)")
     } else {
         format!("TCP {tcp_cc}")
+    };
+    let tcp_note = if daemon_tcp_cc.is_empty() {
+        tcp_note
+    } else {
+        format!("{tcp_note}, Dragonfly's piece servers {daemon_tcp_cc}")
     };
     let nginx = Nginx::start(&hosts, work.path(), &www);
     let url = format!("http://{}:8080/file.bin", hosts.ip(0));
@@ -742,6 +756,7 @@ fn main() {
                 &data,
                 n,
                 &scheduler_yaml,
+                &piece_server_yaml,
                 &joins,
                 kill,
             ),

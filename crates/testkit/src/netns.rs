@@ -240,6 +240,19 @@ impl HostSwarm {
         scheduler_yaml: &str,
         proxy_yaml: &str,
     ) -> anyhow::Result<HostSwarm> {
+        HostSwarm::start_full(hosts, dir, peers, scheduler_yaml, proxy_yaml, "")
+    }
+
+    /// [`HostSwarm::start_with`], with `piece_server_yaml` (lines indented by four spaces)
+    /// under every daemon's `storage.server` section.
+    pub fn start_full(
+        hosts: &Hosts,
+        dir: &std::path::Path,
+        peers: usize,
+        scheduler_yaml: &str,
+        proxy_yaml: &str,
+        piece_server_yaml: &str,
+    ) -> anyhow::Result<HostSwarm> {
         anyhow::ensure!(
             hosts.names.len() > peers,
             "{peers} peers need {} hosts, there are {}",
@@ -264,6 +277,7 @@ impl HostSwarm {
                     ip: Some(hosts.ip(i)),
                     netns: Some(hosts.names[i].clone()),
                     proxy_yaml: proxy_yaml.to_string(),
+                    piece_server_yaml: piece_server_yaml.to_string(),
                     download_yaml: limit.clone(),
                     upload_yaml: limit,
                     ..Default::default()
