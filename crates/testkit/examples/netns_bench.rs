@@ -29,8 +29,9 @@
 //! `--tcp-cc NAME` sets the TCP congestion control of every emulated host, for every
 //! system alike (`cubic`, `reno`, `bbr`; default `system`, the machine's own). The machine
 //! this was written on defaults to BBR, which on five hosts each fetching from the four
-//! others filled 85-95% of the shaped links against cubic's 94-95%; in the swarm itself
-//! the choice made no difference that one run could show (BENCHMARKS.md, 2026-12-06).
+//! others filled 85-95% of the shaped links against cubic's 94-95%; in the swarm, cubic
+//! made the 16-host row 1.24 T* against BBR's 1.15 (single flows locked out in back-off at
+//! the links' drop-tail queues, relay chains behind them; BENCHMARKS.md, 2026-12-08).
 //! `--daemon-tcp-cc NAME` sets Dragonfly's piece server's own congestion control
 //! (`storage.server.tcpCongestionControl`), whatever the hosts' default.
 
