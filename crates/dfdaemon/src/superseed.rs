@@ -62,6 +62,18 @@ impl SuperSeed {
         }
     }
 
+    /// A child's stream ended because it was told every piece it asked about: it is still
+    /// fetching them, so its deals stand.
+    pub fn told_everything(&self, task_id: &str, host_id: &str) {
+        let mut tasks = self.tasks();
+        if let Some(dealer) = tasks.get_mut(task_id) {
+            dealer.told_everything(&host_id.to_string());
+            if dealer.is_empty() {
+                tasks.remove(task_id);
+            }
+        }
+    }
+
     /// Records that a child requested a piece (the piece server calls this).
     pub fn served(&self, task_id: &str, number: u32) {
         let now = self.now();

@@ -38,7 +38,9 @@
 //!
 //! A child that leaves (its last SyncPieces stream ended: done, rescheduled or dead) frees
 //! the pieces dealt to it: they are offered to everyone, since it can no longer pass them
-//! on. Callers look at the pieces they hold back at least every [`RECHECK`]: a request, a
+//! on. A stream that ended because its child was told every piece it asked about is not a
+//! departure: that child is fetching what it was told, and its deals stand (they lapse
+//! after [`MAX_DEFER`] like any deal). Callers look at the pieces they hold back at least every [`RECHECK`]: a request, a
 //! departure or the last piece going out may release them early.
 
 use std::collections::{BTreeMap, HashMap};
@@ -125,6 +127,22 @@ impl<K: Clone + Eq + Hash> Dealer<K> {
     /// A child's stream ended. When it was its last, the pieces dealt to it are
     /// everyone's now; returns whether that happened.
     pub fn leave(&mut self, child: &K) -> bool {
+        if !self.close_stream(child) {
+            return false;
+        }
+        self.outstanding.remove(child);
+        self.dealt.retain(|_, (owner, _)| owner != child);
+        true
+    }
+
+    /// A child's stream ended because the child was told every piece it asked about: the
+    /// pieces dealt to it stay dealt. Returns whether it was its last stream.
+    pub fn told_everything(&mut self, child: &K) -> bool {
+        self.close_stream(child)
+    }
+
+    /// Counts one stream of `child` closed; returns whether it was its last.
+    fn close_stream(&mut self, child: &K) -> bool {
         let Some(i) = self.children.iter().position(|(c, _)| c == child) else {
             return false;
         };
@@ -133,8 +151,6 @@ impl<K: Clone + Eq + Hash> Dealer<K> {
             return false;
         }
         self.children.remove(i);
-        self.outstanding.remove(child);
-        self.dealt.retain(|_, (owner, _)| owner != child);
         true
     }
 
@@ -340,6 +356,23 @@ mod tests {
         assert!(d.leave(&"b"));
         assert_eq!(d.release(&"a", 4, None, 2.0), None, "a alone again");
         assert!(d.leave(&"a") && d.is_empty());
+    }
+
+    #[test]
+    fn a_child_told_everything_keeps_its_deals_one_that_left_frees_them() {
+        let mut d = dealer(&["a", "b", "c"]);
+        assert_eq!(d.release(&"a", 0, None, 0.0), None);
+        assert_eq!(d.release(&"b", 1, None, 0.0), None);
+        assert!(d.told_everything(&"a") && !d.contains(&"a"));
+        assert!(d.release(&"c", 0, None, 0.1).is_some(), "0 is still a's");
+        assert!(d.leave(&"b"));
+        assert_eq!(
+            d.release(&"c", 1, None, 0.1),
+            None,
+            "b left: 1 is everyone's"
+        );
+        // Unasked, a's deal lapses like any other.
+        assert_eq!(d.release(&"c", 0, None, MAX_DEFER), None);
     }
 
     #[test]

@@ -55,16 +55,23 @@ fn check_sync_request(task_id: &str, host_id: &str) -> Result<(), Status> {
 /// How often SyncHost reports.
 const SYNC_HOST_INTERVAL: Duration = Duration::from_secs(1);
 
-/// A child's place in a seed's dealing, released when its SyncPieces stream ends.
+/// A child's place in a seed's dealing, released when its SyncPieces stream ends: as a
+/// departure (the pieces dealt to the child are freed), unless the stream ended because
+/// the child was told everything it asked about (`told_everything`: its deals stand).
 struct Slot {
     seed: Arc<crate::superseed::SuperSeed>,
     task_id: String,
     host_id: String,
+    told_everything: bool,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.seed.leave(&self.task_id, &self.host_id);
+        if self.told_everything {
+            self.seed.told_everything(&self.task_id, &self.host_id);
+        } else {
+            self.seed.leave(&self.task_id, &self.host_id);
+        }
     }
 }
 
@@ -156,6 +163,14 @@ impl Announcer {
     /// Stored pieces are held back from this child still.
     fn holds_back(&self) -> bool {
         !self.deferred.is_empty()
+    }
+
+    /// The stream ends because the child was told everything there is for it: on a seed,
+    /// its deals stand when its slot is released.
+    fn told_everything(&mut self) {
+        if let Some(slot) = &mut self.slot {
+            slot.told_everything = true;
+        }
     }
 }
 
@@ -272,6 +287,7 @@ impl DfdaemonUpload for UploadService {
                 seed,
                 task_id: task_id.clone(),
                 host_id: request.host_id.clone(),
+                told_everything: false,
             }
         });
         let mut announcer = Announcer::new(wanted, slot);
@@ -294,10 +310,14 @@ impl DfdaemonUpload for UploadService {
                     }
                 }
                 if announcer.wants_nothing() {
+                    announcer.told_everything();
                     return;
                 }
                 match &state.outcome {
-                    Some(Ok(())) if !announcer.holds_back() => return,
+                    Some(Ok(())) if !announcer.holds_back() => {
+                        announcer.told_everything();
+                        return;
+                    }
                     Some(Ok(())) => {}
                     Some(Err(err)) => {
                         let _ = tx.send(Err(err.to_status())).await;
@@ -497,6 +517,7 @@ mod tests {
             seed: seed.clone(),
             task_id: TASK.into(),
             host_id: host.into(),
+            told_everything: false,
         };
         Announcer::new(None, Some(slot))
     }
@@ -526,6 +547,22 @@ mod tests {
         drop(a);
         assert_eq!(numbers(b.step(&stored)), [0, 1]);
         assert!(!b.holds_back());
+    }
+
+    #[test]
+    fn a_seed_child_told_everything_it_asked_for_keeps_its_deals() {
+        let seed = Arc::new(SuperSeed::default());
+        let (mut a, mut b) = (child(&seed, "a"), child(&seed, "b"));
+        let _c = child(&seed, "c"); // with a lone child left, it would take everything
+        let stored = state(&[], &[0, 1, 2]);
+        assert_eq!(numbers(a.step(&stored)), [0, 1]);
+        assert_eq!(numbers(b.step(&stored)), [2]);
+        // a's stream ends having told a everything it asked about (a narrower stream): a
+        // is fetching 0 and 1, so b still does not hear of them.
+        a.told_everything();
+        drop(a);
+        let step = b.step(&stored);
+        assert!(numbers(step).is_empty() && b.holds_back());
     }
 
     #[test]
