@@ -190,3 +190,38 @@ fn back_to_source_bandwidth_limit_is_enforced() {
     );
     assert_eq!(std::fs::read(&output).unwrap(), data);
 }
+
+#[test]
+fn the_piece_servers_congestion_control_is_applied_or_start_up_says_what_to_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let options = |cc: &str| d7y_testkit::DaemonOptions {
+        piece_server_yaml: format!("    tcpCongestionControl: {cc}\n"),
+        ..Default::default()
+    };
+    let err = Daemon::start_opts(&tmp.path().join("missing"), &options("nosuchcc"))
+        .err()
+        .expect("a congestion control the kernel lacks stops start-up")
+        .to_string();
+    assert!(
+        err.contains("tcpCongestionControl \"nosuchcc\"") && err.contains("modprobe"),
+        "{err}"
+    );
+    // reno is built into every Linux kernel (this machine's default is another).
+    let daemon = Daemon::start_opts(&tmp.path().join("reno"), &options("reno")).unwrap();
+    let _conn = std::net::TcpStream::connect(("127.0.0.1", daemon.piece_port)).unwrap();
+    // The daemon's end of the connection, as the kernel reports it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = std::process::Command::new("ss")
+            .args(["-tni", "state", "established"])
+            .arg(format!("( sport = :{} )", daemon.piece_port))
+            .output()
+            .expect("ss (iproute2)");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if text.contains(" reno ") || text.contains("\treno ") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no reno connection in:\n{text}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
