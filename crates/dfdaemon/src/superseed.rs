@@ -47,8 +47,7 @@ impl SuperSeed {
 
     /// A child's stream ended; with the task's last child gone, its state goes too.
     pub fn leave(&self, task_id: &str, host_id: &str) {
-        let mut tasks = self.tasks();
-        if let Some(dealer) = tasks.get_mut(task_id) {
+        self.end_stream(task_id, |dealer| {
             if dealer.leave(&host_id.to_string()) {
                 tracing::debug!(
                     task_id,
@@ -56,18 +55,23 @@ impl SuperSeed {
                     "a child's last stream ended: the pieces dealt to it are offered to everyone"
                 );
             }
-            if dealer.is_empty() {
-                tasks.remove(task_id);
-            }
-        }
+        });
     }
 
     /// A child's stream ended because it was told every piece it asked about: it is still
     /// fetching them, so its deals stand.
     pub fn told_everything(&self, task_id: &str, host_id: &str) {
+        self.end_stream(task_id, |dealer| {
+            dealer.told_everything(&host_id.to_string());
+        });
+    }
+
+    /// Ends a stream of the task's dealing with `end`; with the task's last child gone, its
+    /// state goes too.
+    fn end_stream(&self, task_id: &str, end: impl FnOnce(&mut Dealer<String>)) {
         let mut tasks = self.tasks();
         if let Some(dealer) = tasks.get_mut(task_id) {
-            dealer.told_everything(&host_id.to_string());
+            end(dealer);
             if dealer.is_empty() {
                 tasks.remove(task_id);
             }

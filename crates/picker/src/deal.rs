@@ -40,8 +40,9 @@
 //! the pieces dealt to it: they are offered to everyone, since it can no longer pass them
 //! on. A stream that ended because its child was told every piece it asked about is not a
 //! departure: that child is fetching what it was told, and its deals stand (they lapse
-//! after [`MAX_DEFER`] like any deal). Callers look at the pieces they hold back at least every [`RECHECK`]: a request, a
-//! departure or the last piece going out may release them early.
+//! after [`MAX_DEFER`] like any deal). Callers look at the pieces they hold back at least
+//! every [`RECHECK`]: a request, a departure or the last piece going out may release them
+//! early.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
